@@ -1,0 +1,214 @@
+"""Train state and the pure, jitted epoch and evaluation functions (SPEC §1, §4, §5).
+
+The whole training epoch is one compiled ``lax.scan`` over batches: the images live on the
+device, the shuffle and the augmentation run there from JAX keys, and the optimiser step and
+the plasticity algorithm's per-step hook are fused into it. The head always has 100 logits and
+the active classes are a boolean mask, so a new task changes data, not code; only the epoch
+length (25·t steps) is static, so a run compiles once per task.
+
+Randomness: every draw comes from the run's root key ``PRNGKey(index)`` folded with a stream
+id, the epoch and the step, never from global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from lop_jax import algorithms
+from lop_jax.augment import augment, normalize
+from lop_jax.config import Config
+from lop_jax.model import NUM_OUTPUTS, ResNet18, init_model
+
+STREAM_CLASS_ORDER, STREAM_INIT, STREAM_TRAIN, STREAM_EVAL, STREAM_TASK = 0, 1, 2, 3, 4
+NUM_FEATURE_LAYERS = 17
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during a run, as one pytree (checkpointable, vmappable)."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    algo_state: Any
+    best_params: Any
+    best_batch_stats: Any
+    best_acc: jax.Array  # best validation accuracy within the current task
+    has_best: jax.Array  # whether best_* hold a copy for the current task
+    key: jax.Array  # the run's root key (raw uint32[2])
+
+
+def make_model(cfg: Config) -> ResNet18:
+    dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
+    return ResNet18(width=cfg.network_width, num_outputs=NUM_OUTPUTS, dtype=dtype)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """PyTorch SGD semantics (SPEC §4): g ← g + wd·w; buf ← m·buf + g. The caller applies −lr·buf."""
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.trace(decay=cfg.momentum))
+
+
+def run_key(index: int) -> jax.Array:
+    return jax.random.PRNGKey(index)
+
+
+def class_order_for(index: int, num_available: int) -> jax.Array:
+    """The run's permutation of the available classes (SPEC §1), drawn from its seed."""
+    return jax.random.permutation(jax.random.fold_in(run_key(index), STREAM_CLASS_ORDER), num_available)
+
+
+def init_state(cfg: Config, index: int) -> TrainState:
+    """Initial network, optimiser and algorithm state of run ``index``."""
+    key = run_key(index)
+    params, batch_stats = init_model(make_model(cfg), jax.random.fold_in(key, STREAM_INIT))
+    opt_state = make_optimizer(cfg).init(params)
+    return TrainState(
+        params=params, batch_stats=batch_stats, opt_state=opt_state,
+        algo_state=algorithms.init_algo_state(cfg, params),
+        best_params=params, best_batch_stats=batch_stats,
+        best_acc=jnp.zeros((), jnp.float32), has_best=jnp.zeros((), jnp.bool_), key=key)
+
+
+def active_mask(class_order: jax.Array, n_active: int) -> jax.Array:
+    """Boolean [100] mask of the first ``n_active`` classes of the order."""
+    return jnp.zeros((NUM_OUTPUTS,), jnp.bool_).at[class_order[:n_active]].set(True)
+
+
+def masked_loss_and_accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                             weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and accuracy over the active logits only (mean over the weighted rows)."""
+    masked = jnp.where(mask, logits, -jnp.inf)
+    losses = optax.softmax_cross_entropy_with_integer_labels(masked, labels)
+    correct = (jnp.argmax(masked, axis=-1) == labels).astype(jnp.float32)
+    if weights is None:
+        return jnp.mean(losses), jnp.mean(correct)
+    total = jnp.sum(weights)
+    return jnp.sum(losses * weights) / total, jnp.sum(correct * weights) / total
+
+
+def _gather(images: jax.Array, class_order: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Images and labels for flat indices into the active classes' images (class-order major)."""
+    per_class = images.shape[1]
+    labels = class_order[idx // per_class]
+    return images[labels, idx % per_class], labels
+
+
+def make_train_epoch(cfg: Config) -> Callable:
+    """Build the jitted epoch: ``(state, images, class_order, lr, epoch, n_active) →
+    (state, step_losses, step_accuracies, replaced_per_layer)``."""
+    model = make_model(cfg)
+    tx = make_optimizer(cfg)
+    use_features = algorithms.needs_features(cfg)
+    batch = cfg.train_batch_size
+
+    def loss_fn(params, batch_stats, x, labels, mask):
+        (logits, feats), new_vars = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True,
+            return_features=True, mutable=["batch_stats"])
+        loss, acc = masked_loss_and_accuracy(logits, labels, mask)
+        return loss, (acc, feats if use_features else None, new_vars["batch_stats"])
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_epoch(state: TrainState, images: jax.Array, class_order: jax.Array, lr: jax.Array,
+                    epoch: jax.Array, n_active: int):
+        n_images = n_active * images.shape[1]
+        steps = n_images // batch
+        mask = active_mask(class_order, n_active)
+        epoch_key = jax.random.fold_in(jax.random.fold_in(state.key, STREAM_TRAIN), epoch)
+        perm = jax.random.permutation(jax.random.fold_in(epoch_key, 0), n_images)
+        perm = perm[: steps * batch].reshape(steps, batch)
+        step_root = jax.random.fold_in(epoch_key, 1)
+
+        def body(st: TrainState, xs):
+            idx, step = xs
+            k_aug, k_algo = jax.random.split(jax.random.fold_in(step_root, step))
+            raw, labels = _gather(images, class_order, idx)
+            x = augment(k_aug, normalize(raw))
+            (loss, (acc, feats, new_bs)), grads = grad_fn(st.params, st.batch_stats, x, labels, mask)
+            updates, opt_state = tx.update(grads, st.opt_state, st.params)
+            params = jax.tree_util.tree_map(lambda p, u: p - lr * u, st.params, updates)
+            params, new_bs, opt_state, algo_state, replaced = algorithms.after_step(
+                cfg, params, new_bs, opt_state, st.algo_state, feats, k_algo)
+            st = st.replace(params=params, batch_stats=new_bs, opt_state=opt_state, algo_state=algo_state)
+            return st, (loss, acc, replaced)
+
+        state, (losses, accs, replaced) = jax.lax.scan(body, state, (perm, jnp.arange(steps)))
+        return state, losses, accs, jnp.sum(replaced, axis=0)
+
+    donate = (0,) if jax.default_backend() != "cpu" else ()
+    return jax.jit(train_epoch, static_argnames=("n_active",), donate_argnums=donate)
+
+
+def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
+    """Build the jitted evaluation: ``(params, batch_stats, images, class_order, key, n_active) →
+    (loss, accuracy)``, network in evaluation mode, mean over batches of the per-batch means
+    (the reference's averaging, which weights a partial last batch like a full one)."""
+    model = make_model(cfg)
+
+    def evaluate(params, batch_stats, images, class_order, key, n_active: int):
+        n = n_active * images.shape[1]
+        nb = -(-n // batch)
+        idx = jnp.arange(nb * batch)
+        weights = (idx < n).astype(jnp.float32).reshape(nb, batch)
+        idx = jnp.minimum(idx, n - 1).reshape(nb, batch)
+        mask = active_mask(class_order, n_active)
+
+        def body(carry, xs):
+            b_idx, w, b = xs
+            raw, labels = _gather(images, class_order, b_idx)
+            x = normalize(raw)
+            if augment_images:
+                x = augment(jax.random.fold_in(key, b), x)
+            logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+            loss, acc = masked_loss_and_accuracy(logits, labels, mask, w)
+            return carry, (loss, acc)
+
+        _, (losses, accs) = jax.lax.scan(body, None, (idx, weights, jnp.arange(nb)))
+        return jnp.mean(losses), jnp.mean(accs)
+
+    return jax.jit(evaluate, static_argnames=("n_active",))
+
+
+@jax.jit
+def update_best(state: TrainState, val_acc: jax.Array) -> TrainState:
+    """Keep a copy of the network when validation accuracy strictly improves (SPEC §5)."""
+    better = val_acc > state.best_acc
+    pick = partial(jax.tree_util.tree_map, lambda new, old: jnp.where(better, new, old))
+    return state.replace(best_params=pick(state.params, state.best_params),
+                         best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
+                         best_acc=jnp.where(better, val_acc, state.best_acc),
+                         has_best=state.has_best | better)
+
+
+@partial(jax.jit, static_argnames=("restore",))
+def end_task(state: TrainState, restore: bool) -> TrainState:
+    """Task boundary: restore the best-validation network if early stopping (parameters and
+    BatchNorm statistics, not the optimiser or algorithm state), then clear the copy.
+
+    If validation accuracy never rose above 0 in the task the reference would crash; here the
+    network is then kept as it is."""
+    if restore:
+        pick = partial(jax.tree_util.tree_map, lambda best, cur: jnp.where(state.has_best, best, cur))
+        state = state.replace(params=pick(state.best_params, state.params),
+                              batch_stats=pick(state.best_batch_stats, state.batch_stats))
+    return state.replace(best_acc=jnp.zeros((), jnp.float32), has_best=jnp.zeros((), jnp.bool_))
+
+
+def task_boundary_reset(cfg: Config, state: TrainState, task: int) -> TrainState:
+    """Apply the algorithm's task-boundary hook (head/network reset) before task ``task + 1``."""
+    key = jax.random.fold_in(jax.random.fold_in(state.key, STREAM_TASK), task)
+    params, batch_stats = algorithms.at_task_boundary(cfg, state.params, state.batch_stats, key)
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+def eval_key(state: TrainState, epoch: int) -> jax.Array:
+    """Key for the test-time augmentation quirk at ``epoch``."""
+    return jax.random.fold_in(jax.random.fold_in(state.key, STREAM_EVAL), epoch)
