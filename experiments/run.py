@@ -1,0 +1,62 @@
+"""Run the incremental CIFAR-100 experiment: ``python -m experiments.run --config C --experiment-index N``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lop_jax.config import ConfigError, load_config, parse_override
+from lop_jax.data import DataError, find_local_copy, load_data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__)
+    p.add_argument("--config", required=True, help="JSON config (the reference's files load unchanged)")
+    p.add_argument("--experiment-index", type=int, default=0, help="run index; it determines every random draw")
+    p.add_argument("--verbose", action="store_true", help="print per-epoch accuracies instead of a progress bar")
+    p.add_argument("--data-dir", help="override the config's data_path")
+    p.add_argument("--results-dir", help="override the config's results_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; the value is a JSON literal (true, 0.1, \"name\"); repeatable")
+    p.add_argument("--dry-run", action="store_true", help="validate, find the data, print the plan, and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = dict(parse_override(s) for s in args.set)
+        if args.data_dir is not None:
+            overrides["data_path"] = args.data_dir
+        if args.results_dir is not None:
+            overrides["results_dir"] = args.results_dir
+        cfg = load_config(args.config, overrides)
+        if args.experiment_index < 0:
+            raise ConfigError("--experiment-index must be >= 0")
+        if "num_workers" in json.loads(open(args.config).read()):
+            print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
+        from lop_jax.experiment import experiment_dir, make_plan, run_experiment
+
+        if args.dry_run:
+            print("resolved configuration:")
+            for k, v in cfg.to_dict().items():
+                print(f"  {k}: {json.dumps(v)}")
+            if cfg.data_source == "cifar100" and find_local_copy(cfg.data_path) is None:
+                print(f"data: no local copy under '{cfg.data_path or 'data'}'; the run would download it there")
+            else:
+                print(f"data: {load_data(cfg).source}")
+            print(f"results: {experiment_dir(cfg)}")
+            print("plan:")
+            for line in make_plan(cfg).lines():
+                print(f"  {line}")
+            return 0
+        run_experiment(cfg, args.experiment_index, verbose=args.verbose)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
