@@ -18,6 +18,7 @@ DATA_SOURCES = ("cifar100", "embedded", "tfds")
 UTILITIES = ("weight", "contribution")
 CBP_VARIANTS = ("reference", "textbook")
 PRECISIONS = ("float32", "bfloat16")
+EPOCH_MODES = ("auto", "scan", "loop")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,7 @@ class Config:
     cbp_decay_rate: float = 0.99
     cbp_variant: str = "reference"
     precision: str = "float32"
+    epoch_mode: str = "auto"
     _comments: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived quantities -------------------------------------------------------------
@@ -138,6 +140,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.utility_function in UTILITIES, "utility_function", "must be 'weight' or 'contribution'")
     need(cfg.cbp_variant in CBP_VARIANTS, "cbp_variant", "must be 'reference' or 'textbook'")
     need(cfg.precision in PRECISIONS, "precision", "must be 'float32' or 'bfloat16'")
+    need(cfg.epoch_mode in EPOCH_MODES, "epoch_mode", "must be 'auto', 'scan' or 'loop'")
     need(cfg.stepsize > 0, "stepsize", "must be > 0")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")

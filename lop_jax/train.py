@@ -1,10 +1,11 @@
 """Train state and the pure, jitted epoch and evaluation functions (SPEC §1, §4, §5).
 
-The whole training epoch is one compiled ``lax.scan`` over batches: the images live on the
-device, the shuffle and the augmentation run there from JAX keys, and the optimiser step and
-the plasticity algorithm's per-step hook are fused into it. The head always has 100 logits and
-the active classes are a boolean mask, so a new task changes data, not code; only the epoch
-length (25·t steps) is static, so a run compiles once per task.
+The train step is one pure function: the images live on the device, the shuffle and the
+augmentation run there from JAX keys, and the optimiser step and the plasticity algorithm's
+per-step hook are fused into it. An epoch is either one compiled ``lax.scan`` over the steps
+(accelerators) or a loop of the jitted step (CPU), with the same keys and results. The head
+always has 100 logits and the active classes are a boolean mask, so a new task changes data,
+not code.
 
 Randomness: every draw comes from the run's root key ``PRNGKey(index)`` folded with a stream
 id, the epoch and the step, never from global state.
@@ -100,13 +101,13 @@ def _gather(images: jax.Array, class_order: jax.Array, idx: jax.Array) -> tuple[
     return images[labels, idx % per_class], labels
 
 
-def make_train_epoch(cfg: Config) -> Callable:
-    """Build the jitted epoch: ``(state, images, class_order, lr, epoch, n_active) →
-    (state, step_losses, step_accuracies, replaced_per_layer)``."""
+def make_train_step(cfg: Config) -> Callable:
+    """The pure train step: ``(state, images, class_order, mask, idx, key, lr) →
+    (state, loss, accuracy, replaced_per_layer)``: gather the batch ``idx``, augment it, take the
+    SGD step (SPEC §4) and run the plasticity algorithm's per-step hook."""
     model = make_model(cfg)
     tx = make_optimizer(cfg)
     use_features = algorithms.needs_features(cfg)
-    batch = cfg.train_batch_size
 
     def loss_fn(params, batch_stats, x, labels, mask):
         (logits, feats), new_vars = model.apply(
@@ -117,64 +118,135 @@ def make_train_epoch(cfg: Config) -> Callable:
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_epoch(state: TrainState, images: jax.Array, class_order: jax.Array, lr: jax.Array,
-                    epoch: jax.Array, n_active: int):
-        n_images = n_active * images.shape[1]
-        steps = n_images // batch
-        mask = active_mask(class_order, n_active)
-        epoch_key = jax.random.fold_in(jax.random.fold_in(state.key, STREAM_TRAIN), epoch)
-        perm = jax.random.permutation(jax.random.fold_in(epoch_key, 0), n_images)
-        perm = perm[: steps * batch].reshape(steps, batch)
-        step_root = jax.random.fold_in(epoch_key, 1)
+    def train_step(st: TrainState, images, class_order, mask, idx, key, lr):
+        k_aug, k_algo = jax.random.split(key)
+        raw, labels = _gather(images, class_order, idx)
+        x = augment(k_aug, normalize(raw))
+        (loss, (acc, feats, new_bs)), grads = grad_fn(st.params, st.batch_stats, x, labels, mask)
+        updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        params = jax.tree_util.tree_map(lambda p, u: p - lr * u, st.params, updates)
+        params, new_bs, opt_state, algo_state, replaced = algorithms.after_step(
+            cfg, params, new_bs, opt_state, st.algo_state, feats, k_algo)
+        st = st.replace(params=params, batch_stats=new_bs, opt_state=opt_state, algo_state=algo_state)
+        return st, loss, acc, replaced
 
-        def body(st: TrainState, xs):
-            idx, step = xs
-            k_aug, k_algo = jax.random.split(jax.random.fold_in(step_root, step))
-            raw, labels = _gather(images, class_order, idx)
-            x = augment(k_aug, normalize(raw))
-            (loss, (acc, feats, new_bs)), grads = grad_fn(st.params, st.batch_stats, x, labels, mask)
-            updates, opt_state = tx.update(grads, st.opt_state, st.params)
-            params = jax.tree_util.tree_map(lambda p, u: p - lr * u, st.params, updates)
-            params, new_bs, opt_state, algo_state, replaced = algorithms.after_step(
-                cfg, params, new_bs, opt_state, st.algo_state, feats, k_algo)
-            st = st.replace(params=params, batch_stats=new_bs, opt_state=opt_state, algo_state=algo_state)
-            return st, (loss, acc, replaced)
+    return train_step
 
-        state, (losses, accs, replaced) = jax.lax.scan(body, state, (perm, jnp.arange(steps)))
-        return state, losses, accs, jnp.sum(replaced, axis=0)
 
+def _epoch_keys(root: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array]:
+    epoch_key = jax.random.fold_in(jax.random.fold_in(root, STREAM_TRAIN), epoch)
+    return jax.random.fold_in(epoch_key, 0), jax.random.fold_in(epoch_key, 1)
+
+
+@partial(jax.jit, static_argnames=("n_images", "batch"))
+def epoch_batches(root: jax.Array, epoch: jax.Array, n_images: int, batch: int) -> jax.Array:
+    """The epoch's reshuffled batches of flat image indices, [steps, batch] (full batches only)."""
+    shuffle_key, _ = _epoch_keys(root, epoch)
+    steps = n_images // batch
+    return jax.random.permutation(shuffle_key, n_images)[: steps * batch].reshape(steps, batch)
+
+
+def resolve_epoch_mode(mode: str) -> str:
+    """``auto`` → one ``lax.scan`` per epoch on accelerators, a loop of jitted steps on the CPU
+    (XLA's CPU backend runs convolutions inside a while loop ~30× slower, measured here)."""
+    if mode != "auto":
+        return mode
+    return "loop" if jax.default_backend() == "cpu" else "scan"
+
+
+def make_train_epoch(cfg: Config) -> Callable:
+    """Build the epoch: ``(state, images, class_order, lr, epoch, n_active) →
+    (state, step_losses, step_accuracies, replaced_per_layer)``. Both modes run the same step
+    with the same keys; ``scan`` compiles the epoch into one program (once per task), ``loop``
+    dispatches the jitted step per batch (compiled once per run) with no host sync inside."""
+    step_fn = make_train_step(cfg)
+    batch = cfg.train_batch_size
+    mode = resolve_epoch_mode(cfg.epoch_mode)
     donate = (0,) if jax.default_backend() != "cpu" else ()
-    return jax.jit(train_epoch, static_argnames=("n_active",), donate_argnums=donate)
+
+    def step_key(state: TrainState, epoch: jax.Array, step: jax.Array) -> jax.Array:
+        return jax.random.fold_in(_epoch_keys(state.key, epoch)[1], step)
+
+    if mode == "scan":
+        def scan_epoch(state, images, class_order, lr, epoch, n_active: int):
+            batches = epoch_batches(state.key, epoch, n_active * images.shape[1], batch)
+            mask = active_mask(class_order, n_active)
+
+            def body(st, xs):
+                idx, step = xs
+                st, loss, acc, replaced = step_fn(st, images, class_order, mask, idx,
+                                                  step_key(st, epoch, step), lr)
+                return st, (loss, acc, replaced)
+
+            state, (losses, accs, replaced) = jax.lax.scan(body, state, (batches, jnp.arange(batches.shape[0])))
+            return state, losses, accs, jnp.sum(replaced, axis=0)
+
+        return jax.jit(scan_epoch, static_argnames=("n_active",), donate_argnums=donate)
+
+    @partial(jax.jit, donate_argnums=donate)
+    def jit_step(st, images, class_order, mask, idx, epoch, step, lr):
+        return step_fn(st, images, class_order, mask, idx, step_key(st, epoch, step), lr)
+
+    def loop_epoch(state, images, class_order, lr, epoch, n_active: int):
+        batches = epoch_batches(state.key, epoch, n_active * images.shape[1], batch)
+        mask = active_mask(class_order, n_active)
+        losses, accs, replaced = [], [], []
+        for step in range(batches.shape[0]):
+            state, loss, acc, rep = jit_step(state, images, class_order, mask, batches[step], epoch,
+                                             jnp.int32(step), lr)
+            losses.append(loss)
+            accs.append(acc)
+            replaced.append(rep)
+        return state, jnp.stack(losses), jnp.stack(accs), jnp.sum(jnp.stack(replaced), axis=0)
+
+    return loop_epoch
 
 
 def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
-    """Build the jitted evaluation: ``(params, batch_stats, images, class_order, key, n_active) →
+    """Build the evaluation: ``(params, batch_stats, images, class_order, key, n_active) →
     (loss, accuracy)``, network in evaluation mode, mean over batches of the per-batch means
     (the reference's averaging, which weights a partial last batch like a full one)."""
     model = make_model(cfg)
 
-    def evaluate(params, batch_stats, images, class_order, key, n_active: int):
-        n = n_active * images.shape[1]
+    def batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w, key):
+        raw, labels = _gather(images, class_order, b_idx)
+        x = normalize(raw)
+        if augment_images:
+            x = augment(key, x)
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        return masked_loss_and_accuracy(logits, labels, mask, w)
+
+    def batches(n: int) -> tuple[jax.Array, jax.Array]:
         nb = -(-n // batch)
         idx = jnp.arange(nb * batch)
         weights = (idx < n).astype(jnp.float32).reshape(nb, batch)
-        idx = jnp.minimum(idx, n - 1).reshape(nb, batch)
+        return jnp.minimum(idx, n - 1).reshape(nb, batch), weights
+
+    if resolve_epoch_mode(cfg.epoch_mode) == "scan":
+        def evaluate(params, batch_stats, images, class_order, key, n_active: int):
+            idx, weights = batches(n_active * images.shape[1])
+            mask = active_mask(class_order, n_active)
+
+            def body(carry, xs):
+                b_idx, w, b = xs
+                return carry, batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w,
+                                            jax.random.fold_in(key, b))
+
+            _, (losses, accs) = jax.lax.scan(body, None, (idx, weights, jnp.arange(idx.shape[0])))
+            return jnp.mean(losses), jnp.mean(accs)
+
+        return jax.jit(evaluate, static_argnames=("n_active",))
+
+    jit_batch = jax.jit(batch_metrics)
+
+    def evaluate_loop(params, batch_stats, images, class_order, key, n_active: int):
+        idx, weights = batches(n_active * images.shape[1])
         mask = active_mask(class_order, n_active)
+        out = [jit_batch(params, batch_stats, images, class_order, mask, idx[b], weights[b],
+                         jax.random.fold_in(key, b)) for b in range(idx.shape[0])]
+        return jnp.mean(jnp.stack([o[0] for o in out])), jnp.mean(jnp.stack([o[1] for o in out]))
 
-        def body(carry, xs):
-            b_idx, w, b = xs
-            raw, labels = _gather(images, class_order, b_idx)
-            x = normalize(raw)
-            if augment_images:
-                x = augment(jax.random.fold_in(key, b), x)
-            logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-            loss, acc = masked_loss_and_accuracy(logits, labels, mask, w)
-            return carry, (loss, acc)
-
-        _, (losses, accs) = jax.lax.scan(body, None, (idx, weights, jnp.arange(nb)))
-        return jnp.mean(losses), jnp.mean(accs)
-
-    return jax.jit(evaluate, static_argnames=("n_active",))
+    return evaluate_loop
 
 
 @jax.jit
