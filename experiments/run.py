@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; the value is a JSON literal (true, 0.1, \"name\"); repeatable")
     p.add_argument("--dry-run", action="store_true", help="validate, find the data, print the plan, and exit")
+    p.add_argument("--restart", action="store_true",
+                   help="start the index over; its old files are moved to <exp_dir>/previous_runs/, not deleted")
     return p
 
 
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--experiment-index must be >= 0")
         if "num_workers" in json.loads(open(args.config).read()):
             print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
-        from lop_jax.experiment import experiment_dir, make_plan, run_experiment
+        from lop_jax.checkpoint import CheckpointMismatch
+        from lop_jax.experiment import RunError, RunInterrupted, experiment_dir, make_plan, run_experiment
 
         if args.dry_run:
             print("resolved configuration:")
@@ -51,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             for line in make_plan(cfg).lines():
                 print(f"  {line}")
             return 0
-        run_experiment(cfg, args.experiment_index, verbose=args.verbose)
+        try:
+            run_experiment(cfg, args.experiment_index, verbose=args.verbose, restart=args.restart)
+        except RunInterrupted as err:
+            print(str(err), file=sys.stderr)
+            return 130
+        except (RunError, CheckpointMismatch) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

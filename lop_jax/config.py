@@ -64,6 +64,8 @@ class Config:
     cbp_variant: str = "reference"
     precision: str = "float32"
     epoch_mode: str = "auto"
+    checkpoint_every_epochs: int = 1
+    checkpoints_to_keep: int = 3
     _comments: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived quantities -------------------------------------------------------------
@@ -140,6 +142,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.utility_function in UTILITIES, "utility_function", "must be 'weight' or 'contribution'")
     need(cfg.cbp_variant in CBP_VARIANTS, "cbp_variant", "must be 'reference' or 'textbook'")
     need(cfg.precision in PRECISIONS, "precision", "must be 'float32' or 'bfloat16'")
+    need(cfg.checkpoint_every_epochs >= 0, "checkpoint_every_epochs", "must be >= 0 (0: task boundaries only)")
+    need(cfg.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
     need(cfg.epoch_mode in EPOCH_MODES, "epoch_mode", "must be 'auto', 'scan' or 'loop'")
     need(cfg.stepsize > 0, "stepsize", "must be > 0")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")

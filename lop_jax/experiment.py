@@ -9,16 +9,20 @@ network snapshot and applies the algorithm's task-boundary hook (SPEC §1, §5, 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lop_jax import results as res
+from lop_jax.checkpoint import Checkpointer, move_run_aside
 from lop_jax.config import Config, ConfigError, config_diff, make_config
 from lop_jax.data import CifarData, load_data
 from lop_jax.model import count_params, feature_layers
@@ -35,8 +39,8 @@ from lop_jax.train import (
     update_best,
 )
 
-# Keys that may differ between runs sharing one experiment directory.
-LOCATION_KEYS = ("data_path", "results_dir", "num_workers")
+# Keys that may differ between runs sharing one experiment directory (they change no result).
+OPERATIONAL_KEYS = ("data_path", "results_dir", "num_workers", "checkpoint_every_epochs", "checkpoints_to_keep")
 
 
 def experiment_dir(cfg: Config) -> Path:
@@ -52,7 +56,7 @@ def write_config(cfg: Config, exp_dir: Path) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise ConfigError(f"{path} is not valid JSON; move it away or choose another experiment_name") from None
-        diff = config_diff(old, cfg.to_dict(), ignore=LOCATION_KEYS)
+        diff = config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
         if diff:
             raise ConfigError(f"{exp_dir} holds runs of a different config (keys differ: {', '.join(diff)}); "
                               "use another experiment_name or results_dir")
@@ -141,10 +145,67 @@ class Progress:
             self.bar.close()
 
 
+class RunError(RuntimeError):
+    """The run had to stop (non-finite loss); the message says where and what was kept."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: the run stopped cleanly after an epoch and can be resumed."""
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks to stop after the current epoch, a second one
+    abandons the epoch (the last checkpoint stays)."""
+
+    def __init__(self, report: Progress):
+        self.requested = False
+        self.report = report
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.report.message(f"{signal.Signals(signum).name}: stopping after this epoch "
+                            "(again to abandon the epoch; the last checkpoint stays)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _record_train_summaries(results: res.RunResults, running: np.ndarray, losses: np.ndarray, accs: np.ndarray,
+                            window: int, report: Progress) -> None:
+    """Running means every ``window`` steps, float32 like the reference's, carried across epochs."""
+    for step, (loss, acc) in enumerate(zip(losses, accs, strict=True)):
+        running += np.array([loss, acc], np.float32)
+        if (step + 1) % window == 0:
+            pos = results.train_summary_pos
+            results.arrays["train_loss_per_checkpoint"][pos] = running[0] / np.float32(window)
+            results.arrays["train_accuracy_per_checkpoint"][pos] = running[1] / np.float32(window)
+            results.train_summary_pos += 1
+            report.train_summary(step + 1, float(running[1] / window))
+            running[:] = 0
+
+
 def run_experiment(cfg: Config, index: int, data: CifarData | None = None, verbose: bool = False,
-                   progress: bool = True, log: Callable[[str], None] = print) -> res.RunResults:
-    """Run (or finish) experiment ``index`` of ``cfg`` and write its results."""
+                   progress: bool = True, log: Callable[[str], None] = print, restart: bool = False,
+                   stop_after_epoch: int | None = None) -> res.RunResults:
+    """Run experiment ``index`` of ``cfg``, resuming from its newest checkpoint, and write its results.
+
+    ``restart`` first moves the run's old files aside. ``stop_after_epoch`` stops (as after a
+    SIGINT) once that many epochs are done: used to test resuming."""
     exp_dir = experiment_dir(cfg)
+    if restart:
+        moved = move_run_aside(exp_dir, index)
+        if moved is not None:
+            log(f"--restart: the previous files of index {index} were moved to {moved}")
     write_config(cfg, exp_dir)
     data = data if data is not None else load_data(cfg)
     if cfg.num_classes > data.num_classes:
@@ -155,17 +216,44 @@ def run_experiment(cfg: Config, index: int, data: CifarData | None = None, verbo
     state = init_state(cfg, index)
     extra = {"replaced_units_per_epoch": (cfg.num_epochs, NUM_FEATURE_LAYERS)} if cfg.use_cbp else None
     results = res.RunResults(cfg, index, np.asarray(class_order), extra)
+    running = np.zeros(2, np.float32)
+    ckpt = Checkpointer(exp_dir, index, cfg, ignore_keys=OPERATIONAL_KEYS)
+    report = Progress(cfg, index, verbose, progress, log)
+    try:
+        start = 0
+        restored = ckpt.latest(state, results.arrays, running, report.message)
+        if restored is not None:
+            state, running, start = restored.state, restored.running, restored.epochs_done
+            results.arrays.update(restored.arrays)
+            results.train_summary_pos = restored.train_summary_pos
+            report.message(f"index {index}: resuming after epoch {start} from {ckpt.path}")
+        else:
+            res.save_snapshot(exp_dir, index, 0, state.params, state.batch_stats)
+            res.save_status(exp_dir, index, 0, False)
+        if start >= cfg.num_epochs:
+            report.message(f"index {index} already finished ({start} epochs); use --restart to run it again")
+            results.save(exp_dir)
+            res.save_status(exp_dir, index, start, True)
+            return results
+        report.start(start)
+        _run_epochs(cfg, index, exp_dir, state, results, running, start, ckpt, report, class_order,
+                    (train_x, val_x, test_x), stop_after_epoch)
+    finally:
+        ckpt.close()
+        report.close()
+    return results
+
+
+def _run_epochs(cfg: Config, index: int, exp_dir: Path, state: Any, results: res.RunResults, running: np.ndarray,
+                start: int, ckpt: Checkpointer, report: Progress, class_order: jax.Array,
+                images: tuple[jax.Array, jax.Array, jax.Array], stop_after_epoch: int | None) -> None:
+    train_x, val_x, test_x = images
     train_epoch = make_train_epoch(cfg)
     eval_test = make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test)
     eval_val = make_evaluate(cfg, cfg.val_batch_size, False)
-
-    res.save_snapshot(exp_dir, index, 0, state.params, state.batch_stats)
-    res.save_status(exp_dir, index, 0, False)
-    report = Progress(cfg, index, verbose, progress, log)
-    running = np.zeros(2, np.float32)
-    window = cfg.running_avg_window
-    try:
-        for epoch in range(cfg.num_epochs):
+    last_saved = start
+    with _StopRequest(report) as stop:
+        for epoch in range(start, cfg.num_epochs):
             task = epoch // cfg.epochs_per_task
             n_active = cfg.active_classes(task)
             lr = jnp.float32(cfg.stepsize_at(epoch))
@@ -174,16 +262,13 @@ def run_experiment(cfg: Config, index: int, data: CifarData | None = None, verbo
                                                         n_active=n_active)
             losses, accs, replaced = jax.device_get((losses, accs, replaced))
             epoch_time = time.perf_counter() - t0
-
-            for step, (loss, acc) in enumerate(zip(losses, accs, strict=True)):
-                running += np.array([loss, acc], np.float32)
-                if (step + 1) % window == 0:
-                    pos = results.train_summary_pos
-                    results.arrays["train_loss_per_checkpoint"][pos] = running[0] / np.float32(window)
-                    results.arrays["train_accuracy_per_checkpoint"][pos] = running[1] / np.float32(window)
-                    results.train_summary_pos += 1
-                    report.train_summary(step + 1, float(running[1] / window))
-                    running[:] = 0
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                ckpt.wait()
+                raise RunError(f"non-finite training loss at epoch {epoch + 1}, step {bad[0] + 1} (index {index}); "
+                               f"stopped without saving it, the last good checkpoint (after epoch {last_saved}) "
+                               f"is kept in {ckpt.path}")
+            _record_train_summaries(results, running, losses, accs, cfg.running_avg_window, report)
 
             t0 = time.perf_counter()
             test_loss, test_acc = jax.device_get(eval_test(state.params, state.batch_stats, test_x, class_order,
@@ -204,14 +289,22 @@ def run_experiment(cfg: Config, index: int, data: CifarData | None = None, verbo
                 a["replaced_units_per_epoch"][epoch] = replaced
             report.epoch(epoch, task, float(test_acc), float(val_acc), epoch_time)
 
-            if (epoch + 1) % cfg.epochs_per_task == 0:
+            done = epoch + 1
+            task_end = done % cfg.epochs_per_task == 0
+            if task_end:
                 state = end_task(state, restore=cfg.early_stopping)
-                res.save_snapshot(exp_dir, index, epoch + 1, state.params, state.batch_stats)
+                res.save_snapshot(exp_dir, index, done, state.params, state.batch_stats)
                 if task + 1 < cfg.num_tasks:
                     state = task_boundary_reset(cfg, state, task)
                     report.message(f"task {task + 1} done: {cfg.active_classes(task + 1)} classes from now on")
+            stopping = stop.requested or (stop_after_epoch is not None and done >= stop_after_epoch)
+            every = cfg.checkpoint_every_epochs
+            if task_end or stopping or done == cfg.num_epochs or (every and done % every == 0):
+                ckpt.save(done, state, results.arrays, running, results.train_summary_pos)
+                last_saved = done
+            if task_end or stopping or done == cfg.num_epochs:
                 results.save(exp_dir)
-                res.save_status(exp_dir, index, epoch + 1, epoch + 1 == cfg.num_epochs)
-    finally:
-        report.close()
-    return results
+                res.save_status(exp_dir, index, done, done == cfg.num_epochs)
+            if stopping and done < cfg.num_epochs:
+                ckpt.wait()
+                raise RunInterrupted(f"index {index} stopped after epoch {done}; run the same command to resume")

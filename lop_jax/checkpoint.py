@@ -1,0 +1,116 @@
+"""Deterministic Orbax checkpoints keyed by run index, for exact resume.
+
+A checkpoint holds everything a run needs to continue bit-identically: the whole TrainState
+(params, BatchNorm statistics, optimiser state, algorithm state, the early-stopping copy, the
+root key), the partial results arrays, and the host-side counters (epochs done, the running
+train-summary sums and position). It lives in ``<exp_dir>/checkpoints/index-<N>/<epoch>/``;
+Orbax writes each step to a temporary folder and renames it when complete, so a kill leaves
+the previous complete checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lop_jax.config import Config, config_diff
+
+
+@dataclass
+class Restored:
+    """What a checkpoint gives back."""
+
+    state: Any
+    arrays: dict[str, np.ndarray]
+    running: np.ndarray
+    epochs_done: int
+    train_summary_pos: int
+
+
+def checkpoint_dir(exp_dir: Path, index: int) -> Path:
+    return (Path(exp_dir) / "checkpoints" / f"index-{index}").absolute()
+
+
+class Checkpointer:
+    """Saves (asynchronously) and restores the checkpoints of one run index."""
+
+    def __init__(self, exp_dir: Path, index: int, cfg: Config, ignore_keys: tuple[str, ...] = ()):
+        self.cfg = cfg
+        self.ignore_keys = ignore_keys
+        self.path = checkpoint_dir(exp_dir, index)
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoints_to_keep, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.path, options=options)
+
+    def save(self, epochs_done: int, state: Any, arrays: dict[str, np.ndarray], running: np.ndarray,
+             train_summary_pos: int) -> None:
+        """Start saving the run after ``epochs_done`` epochs (returns before the write ends)."""
+        tree = {"state": state, "results": {k: v.copy() for k, v in arrays.items()}, "running": running.copy()}
+        meta = {"epochs_done": epochs_done, "train_summary_pos": train_summary_pos, "config": self.cfg.to_dict()}
+        self.manager.save(epochs_done, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                              meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def latest(self, target_state: Any, target_arrays: dict[str, np.ndarray], running: np.ndarray,
+               warn: Callable[[str], None]) -> Restored | None:
+        """Restore the newest readable checkpoint, falling back (with a warning) past broken ones."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        target = {"state": target_state, "results": target_arrays, "running": running}
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        for i, step in enumerate(steps):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back
+                nxt = f"falling back to epoch {steps[i + 1]}" if i + 1 < len(steps) else "starting over"
+                warn(f"warning: the checkpoint after epoch {step} in {self.path} is unreadable "
+                     f"({type(err).__name__}); {nxt}")
+                continue
+            meta = out["meta"]
+            diff = config_diff(meta["config"], self.cfg.to_dict(), ignore=self.ignore_keys)
+            if diff:
+                raise CheckpointMismatch(f"checkpoint {self.path} was written by a different config "
+                                         f"(keys differ: {', '.join(diff)}); use --restart or another "
+                                         "experiment_name")
+            tree = out["state"]
+            return Restored(state=tree["state"], arrays={k: np.asarray(v) for k, v in tree["results"].items()},
+                            running=np.asarray(tree["running"]), epochs_done=int(meta["epochs_done"]),
+                            train_summary_pos=int(meta["train_summary_pos"]))
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint from a different config."""
+
+
+def move_run_aside(exp_dir: Path, index: int) -> Path | None:
+    """Move every file of run ``index`` to ``<exp_dir>/previous_runs/index-<N>-<time>/`` (for --restart).
+
+    Nothing is deleted; returns the folder it went to, or None if there was nothing to move."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        return None
+    dest = exp_dir / "previous_runs" / f"index-{index}-{time.strftime('%Y%m%d-%H%M%S')}"
+    moved = False
+    for child in sorted(exp_dir.iterdir()):
+        if not child.is_dir() or child.name == "previous_runs":
+            continue
+        for item in list(child.glob(f"index-{index}.*")) + list(child.glob(f"index-{index}")):
+            (dest / child.name).mkdir(parents=True, exist_ok=True)
+            shutil.move(str(item), str(dest / child.name / item.name))
+            moved = True
+    return dest if moved else None
