@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from lop_jax.augment import normalize
 from lop_jax.config import Config, make_config
-from lop_jax.model import ResNet18
+from lop_jax.model import NUM_OUTPUTS, ResNet18
 from lop_jax.results import load_snapshot, load_status, metric_path, save_npy, snapshot_path
 
 ANALYSIS_METRICS = (
@@ -115,9 +115,8 @@ def stable_rank_percent(x: Any, width: int | None = None, threshold: float = STA
 
     ``width`` defaults to the number of columns of a matrix, or the number of singular values.
     """
-    arr = np.shape(x)
     if width is None:
-        width = arr[-1]
+        width = np.shape(x)[-1]
     return 100.0 * stable_rank(x, threshold) / width
 
 
@@ -213,13 +212,13 @@ def _feature_fn(width: int, bn_mode: str) -> Callable:
 def _predict_fn(width: int, bn_mode: str) -> Callable:
     model = ResNet18(width)
 
-    def fn(params: Any, batch_stats: Any, images: jax.Array) -> jax.Array:
+    def fn(params: Any, batch_stats: Any, images: jax.Array, allowed: jax.Array) -> jax.Array:
         x = normalize(images)
         if bn_mode == "train":
             logits, _ = model.apply(_variables(params, batch_stats), x, train=True, mutable=["batch_stats"])
         else:
             logits = model.apply(_variables(params, batch_stats), x, train=False)
-        return jnp.argmax(logits, axis=-1)
+        return jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
 
     return jax.jit(fn)
 
@@ -241,10 +240,13 @@ def snapshot_features(params: Any, batch_stats: Any, images: Any, width: int,
     return [np.asarray(a) for a in activity], np.asarray(pooled)
 
 
-def predict(params: Any, batch_stats: Any, images: Any, width: int, bn_mode: str = "train") -> np.ndarray:
-    """Predicted labels (arg-max over all 100 outputs) of uint8 NHWC images."""
+def predict(params: Any, batch_stats: Any, images: Any, width: int, bn_mode: str = "train",
+            classes: Sequence[int] | None = None) -> np.ndarray:
+    """Predicted labels of uint8 NHWC images: arg-max over the outputs of ``classes`` (all if None)."""
     _check_bn_mode(bn_mode)
-    return np.asarray(_predict_fn(width, bn_mode)(params, batch_stats, jnp.asarray(images)))
+    allowed = np.zeros(NUM_OUTPUTS, bool)
+    allowed[np.arange(NUM_OUTPUTS) if classes is None else np.asarray(classes, np.int64)] = True
+    return np.asarray(_predict_fn(width, bn_mode)(params, batch_stats, jnp.asarray(images), jnp.asarray(allowed)))
 
 
 def analysis_key(index: int, snapshot: int, role: int) -> jax.Array:
@@ -281,12 +283,13 @@ def representation_metrics(params: Any, batch_stats: Any, images: np.ndarray, wi
 
 
 def class_accuracy_on_test(params: Any, batch_stats: Any, test: np.ndarray, class_order: np.ndarray,
-                           key: jax.Array, width: int, bn_mode: str = "train",
-                           batch_size: int = TEST_BATCH) -> np.ndarray:
+                           key: jax.Array, width: int, bn_mode: str = "train", batch_size: int = TEST_BATCH,
+                           active_classes: Sequence[int] | None = None) -> np.ndarray:
     """Accuracy of every class of ``class_order`` (in that order) on the clean test images.
 
     All test images of those classes are shuffled with ``key`` and passed in batches of
-    ``batch_size`` (BatchNorm in training mode uses each batch's statistics).
+    ``batch_size`` (BatchNorm in training mode uses each batch's statistics). Predictions are
+    the arg-max over the outputs of ``active_classes`` (all outputs if None).
     """
     class_order = np.asarray(class_order, np.int64)
     per_class = test.shape[1]
@@ -297,7 +300,7 @@ def class_accuracy_on_test(params: Any, batch_stats: Any, test: np.ndarray, clas
     preds = np.empty(n, np.int64)
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        preds[sl] = predict(params, batch_stats, test[labels[sl], within[sl]], width, bn_mode)
+        preds[sl] = predict(params, batch_stats, test[labels[sl], within[sl]], width, bn_mode, active_classes)
     return accuracy_per_class(preds, labels, class_order)
 
 
@@ -355,7 +358,9 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
 
     ``pool`` is the full training split grouped by class [K, val+train, 32, 32, 3]; ``test`` the
     test split [K, n_test, 32, 32, 3]. Snapshot i (epoch i·epochs_per_task, i < num_tasks) gives
-    entry i; "previous tasks" entries are 0 for i = 0, as in the reference.
+    entry i; "previous tasks" entries are 0 for i = 0, as in the reference. The per-class accuracy
+    of the final network predicts among the run's classes (class_order[:num_classes]): at the
+    paper's scale these are all 100 outputs, i.e. the reference's unmasked prediction.
     """
     _check_bn_mode(bn_mode)
     exp_dir = Path(exp_dir)
@@ -379,7 +384,8 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
             on_snapshot()
     params, batch_stats = load_snapshot(exp_dir, index, epochs[-1])
     out["accuracy_per_class_in_order"] = class_accuracy_on_test(
-        params, batch_stats, test, class_order, analysis_key(index, cfg.num_tasks, ROLE_TEST), width, bn_mode)
+        params, batch_stats, test, class_order, analysis_key(index, cfg.num_tasks, ROLE_TEST), width, bn_mode,
+        active_classes=class_order[:cfg.num_classes])
     if on_snapshot is not None:
         on_snapshot()
     return out

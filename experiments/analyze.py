@@ -1,0 +1,55 @@
+"""Post-run analysis of one experiment directory (SPEC §9), the reference's ``post_run_analysis.py``.
+
+    python -m experiments.analyze --results-dir <results_dir>/<experiment_name> \
+        [--data-dir D] [--dormant-unit-threshold 0.01] [--bn-mode train|eval]
+
+Writes ``<metric>/index-<N>.npy`` for every finished run index (see ``lop_jax.analysis``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", required=True,
+                        help="experiment directory: <results_dir>/<experiment_name>")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the data set (default: the data_path of the run's config)")
+    parser.add_argument("--dormant-unit-threshold", type=float, default=0.01,
+                        help="a unit is dormant when its fraction of non-zero activations is below this (0.01)")
+    parser.add_argument("--bn-mode", choices=("train", "eval"), default="train",
+                        help="BatchNorm statistics of the forward passes: 'train' (batch statistics, as the "
+                             "reference) or 'eval' (running statistics)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the analysis; errors are one line on stderr and exit code 2."""
+    args = parse_args(argv)
+    from lop_jax.analysis import AnalysisError, analyze_experiment
+    from lop_jax.config import ConfigError
+    from lop_jax.data import DataError
+
+    try:
+        results = analyze_experiment(args.results_dir, data_dir=args.data_dir,
+                                     threshold=args.dormant_unit_threshold, bn_mode=args.bn_mode,
+                                     progress=not args.no_progress)
+    except (AnalysisError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    if not results:
+        print(f"no finished run to analyse in {args.results_dir}", file=sys.stderr)
+        return 1
+    print(f"analysed index {', '.join(str(i) for i in results)} of {args.results_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Post-run analysis: metric functions against hand-computed values, and the analysis of a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import analyze as analyze_cli
+from lop_jax import analysis as A
+from lop_jax.augment import normalize
+from lop_jax.config import make_config
+from lop_jax.model import ResNet18
+from lop_jax.results import load_snapshot, save_snapshot, save_status, snapshot_path
+
+WIDTH = 2
+NUM_TASKS, CPT, EPOCHS_PER_TASK = 2, 2, 1
+N_TRAIN, N_VAL, N_TEST, K = 6, 2, 3, 5
+
+
+# ---------------------------------------------------------------------------------------------
+# ranks
+# ---------------------------------------------------------------------------------------------
+def test_effective_rank_identity_matrix_and_singular_values():
+    assert A.effective_rank(np.eye(8)) == pytest.approx(8.0, rel=1e-5)
+    assert A.effective_rank(np.ones(8)) == pytest.approx(8.0, rel=1e-5)
+
+
+def test_effective_rank_rank_one_matrix():
+    u = np.arange(1.0, 11.0)
+    assert A.effective_rank(np.outer(u, u + 1.0)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_effective_rank_known_spectrum_and_zeros():
+    p = np.array([3.0, 2.0, 1.0]) / 6.0
+    expected = math.exp(-sum(q * math.log(q) for q in p))
+    assert A.effective_rank([3.0, 2.0, 1.0]) == pytest.approx(expected, rel=1e-6)
+    # 0·log 0 = 0: two equal values and two zeros have effective rank exactly 2
+    assert A.effective_rank([2.0, 0.0, 2.0, 0.0]) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_stable_rank_identity_rank_one_and_known_spectrum():
+    # identity 512: cumulative sums k/512 < 0.99 for k = 1..506, plus one
+    assert A.stable_rank(np.eye(512)) == 507
+    u = np.arange(1.0, 11.0)
+    assert A.stable_rank(np.outer(u, u)) == 1
+    # cumulative 0.90, 0.98, 0.995, 1.0: two below 0.99, plus one; order of the input is irrelevant
+    assert A.stable_rank([90.0, 8.0, 1.5, 0.5]) == 3
+    assert A.stable_rank([0.5, 90.0, 1.5, 8.0]) == 3
+    assert A.stable_rank([90.0, 8.0, 1.5, 0.5], threshold=0.9) == 1
+
+
+def test_stable_rank_percent_of_width():
+    assert A.stable_rank_percent(np.eye(512)) == pytest.approx(100.0 * 507 / 512)
+    assert A.stable_rank_percent([90.0, 8.0, 1.5, 0.5], width=512) == pytest.approx(100.0 * 3 / 512)
+    features = np.zeros((1000, 512), np.float32)
+    features[:, 0] = 1.0
+    assert A.stable_rank_percent(features) == pytest.approx(100.0 / 512)
+
+
+def test_rank_rejects_3d_input():
+    with pytest.raises(ValueError, match="2-D"):
+        A.effective_rank(np.zeros((2, 2, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# dormant units, weight magnitude, per-class accuracy
+# ---------------------------------------------------------------------------------------------
+def _hand_built_features() -> list[np.ndarray]:
+    conv = np.ones((10, 2, 5, 3), np.float32)  # 100 activations per channel
+    conv[..., 0] = 0.0  # never active → dormant
+    conv[..., 1] = 0.0
+    conv[3, 1, 4, 1] = 0.5  # exactly 1 % active → NOT dormant at 0.01 (strictly below is dormant)
+    pooled = np.zeros((100, 4), np.float32)  # 100 images
+    pooled[7, 1] = 2.0  # exactly 1 %
+    pooled[:, 2] = 0.3
+    return [conv, pooled]  # dormant: conv ch0, pooled ch0 and ch3
+
+
+def test_dormant_proportion_hand_built_with_threshold_boundary():
+    feats = _hand_built_features()
+    assert A.dormant_proportion(feats, 0.01) == pytest.approx(3 / 7)
+    assert A.dormant_proportion(feats, 0.02) == pytest.approx(5 / 7)
+    assert A.dormant_proportion(feats, 0.0) == 0.0
+    activity = A.unit_activity(feats)
+    np.testing.assert_allclose(activity[0], [0.0, 0.01, 1.0])
+    np.testing.assert_allclose(activity[1], [0.0, 0.01, 1.0, 0.0])
+
+
+def test_dormant_proportion_pooled_layer_counts_over_images_only():
+    pooled = np.zeros((50, 2), np.float32)
+    pooled[0, 0] = 1.0  # 2 % of images
+    assert A.dormant_proportion([pooled], 0.02) == pytest.approx(0.5)
+    assert A.dormant_proportion([pooled], 0.03) == pytest.approx(1.0)
+
+
+def test_average_weight_magnitude_tiny_tree():
+    tree = {"a": {"kernel": np.array([[1.0, -2.0], [3.0, -4.0]])}, "b": np.array([0.5, -0.5])}
+    assert A.average_weight_magnitude(tree) == pytest.approx(11.0 / 6.0)
+
+
+def test_accuracy_per_class_in_given_order():
+    labels = np.array([2, 2, 0, 0, 0, 1])
+    preds = np.array([2, 1, 0, 0, 1, 1])
+    np.testing.assert_allclose(A.accuracy_per_class(preds, labels, [1, 2, 0]), [1.0, 0.5, 2 / 3])
+    logits = np.eye(3)[preds]
+    np.testing.assert_allclose(A.accuracy_per_class(logits, labels, [0, 1, 2]), [2 / 3, 1.0, 0.5])
+    assert np.isnan(A.accuracy_per_class(preds, labels, [5])[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis of a tiny run
+# ---------------------------------------------------------------------------------------------
+def _config() -> dict:
+    return make_config({
+        "experiment_name": "tiny", "data_source": "embedded", "num_tasks": NUM_TASKS,
+        "classes_per_task": CPT, "epochs_per_task": EPOCHS_PER_TASK, "train_images_per_class": N_TRAIN,
+        "val_images_per_class": N_VAL, "test_images_per_class": N_TEST, "network_width": WIDTH,
+        "train_batch_size": 4,
+    }).to_dict()
+
+
+def _fake_data() -> SimpleNamespace:
+    rng = np.random.default_rng(0)
+
+    def images(n: int) -> np.ndarray:
+        return rng.integers(0, 256, (K, n, 32, 32, 3), dtype=np.uint8)
+
+    return SimpleNamespace(train=images(N_TRAIN), val=images(N_VAL), test=images(N_TEST))
+
+
+def _random_network(seed: int) -> tuple[dict, dict]:
+    """Random (params, batch_stats) of the tiny ResNet-18 (shapes from eval_shape: no slow init compile)."""
+    shapes = jax.eval_shape(lambda: ResNet18(WIDTH).init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)), train=False))
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32), shapes["params"])
+    stats = jax.tree_util.tree_map(lambda s: rng.uniform(0.1, 1.0, s.shape).astype(np.float32),
+                                   shapes["batch_stats"])
+    return params, stats
+
+
+def _apply(params, batch_stats, images, train: bool):
+    """((logits, features), ...) of an independent jitted forward pass with the model itself."""
+    mutable = ["batch_stats"] if train else False
+    fn = jax.jit(lambda p, b, x: ResNet18(WIDTH).apply({"params": p, "batch_stats": b}, normalize(x), train=train,
+                                                       return_features=True, mutable=mutable))
+    out = fn(params, batch_stats, images)
+    return out[0] if train else out
+
+
+def _write_run(exp_dir, index: int, finished: bool) -> None:
+    order = np.random.default_rng(100 + index).permutation(K)
+    (exp_dir / "class_order").mkdir(parents=True, exist_ok=True)
+    np.save(exp_dir / "class_order" / f"index-{index}.npy", order)
+    num_epochs = NUM_TASKS * EPOCHS_PER_TASK
+    save_status(exp_dir, index, num_epochs if finished else 1, finished)
+    if not finished:
+        return
+    for t in range(NUM_TASKS + 1):
+        params, bs = _random_network(10 * index + t)
+        save_snapshot(exp_dir, index, t * EPOCHS_PER_TASK, params, bs)
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    exp_dir = tmp_path_factory.mktemp("results") / "tiny"
+    exp_dir.mkdir()
+    (exp_dir / "config.json").write_text(json.dumps(_config()))
+    _write_run(exp_dir, 0, True)
+    _write_run(exp_dir, 1, True)
+    _write_run(exp_dir, 2, False)
+    data = _fake_data()
+    messages: list[str] = []
+    results = A.analyze_experiment(exp_dir, data=data, progress=False, log=messages.append)
+    return SimpleNamespace(exp_dir=exp_dir, data=data, results=results, messages=messages)
+
+
+def test_analysis_writes_every_file_with_the_right_shape_and_range(tiny_experiment):
+    exp_dir = tiny_experiment.exp_dir
+    assert sorted(tiny_experiment.results) == [0, 1]
+    for index in (0, 1):
+        loaded = {m: np.load(exp_dir / m / f"index-{index}.npy") for m in A.ANALYSIS_METRICS}
+        for m, arr in loaded.items():
+            expected = (K,) if m == "accuracy_per_class_in_order" else (NUM_TASKS,)
+            assert arr.shape == expected, m
+            assert arr.dtype == np.float32, m
+            np.testing.assert_array_equal(arr, tiny_experiment.results[index][m])
+        pooled_width = 8 * WIDTH
+        for prefix in ("next_task", "previous_tasks"):
+            start = 0 if prefix == "next_task" else 1
+            dormant = loaded[f"{prefix}_dormant_units_analysis"][start:]
+            erank = loaded[f"{prefix}_effective_rank_analysis"][start:]
+            srank = loaded[f"{prefix}_stable_rank_analysis"][start:]
+            assert np.all((dormant >= 0) & (dormant <= 1))
+            assert np.all((erank >= 1) & (erank <= pooled_width))
+            assert np.all((srank >= 1) & (srank <= pooled_width)) and np.all(srank == np.round(srank))
+        for prefix in ("previous_tasks_dormant_units", "previous_tasks_effective_rank", "previous_tasks_stable_rank"):
+            assert loaded[f"{prefix}_analysis"][0] == 0.0
+        acc = loaded["accuracy_per_class_in_order"]
+        assert np.all(np.isin(np.round(acc * N_TEST, 4), np.arange(N_TEST + 1)))
+        for t in range(NUM_TASKS):
+            params, _ = load_snapshot(exp_dir, index, t * EPOCHS_PER_TASK)
+            assert loaded["weight_magnitude_analysis"][t] == pytest.approx(A.average_weight_magnitude(params), rel=1e-6)
+    assert not (exp_dir / "weight_magnitude_analysis" / "index-2.npy").exists()
+    assert any("index 2" in m and "unfinished" in m for m in tiny_experiment.messages)
+
+
+def test_analysis_matches_an_independent_forward_pass(tiny_experiment):
+    """Previous-tasks metrics of snapshot 1 and the final per-class accuracy, recomputed by hand."""
+    exp_dir, data = tiny_experiment.exp_dir, tiny_experiment.data
+    index = 1
+    order = np.load(exp_dir / "class_order" / f"index-{index}.npy")
+    pool = np.concatenate([data.val, data.train], axis=1)
+    params, bs = load_snapshot(exp_dir, index, EPOCHS_PER_TASK)
+    images = A.sample_batch(pool, order[:CPT], A.analysis_key(index, 1, A.ROLE_PREVIOUS))
+    assert images.shape == (CPT * (N_TRAIN + N_VAL), 32, 32, 3)  # fewer than 1,000 available: all of them
+    _, feats = _apply(params, bs, images, train=True)
+    assert len(feats) == 17
+    written = tiny_experiment.results[index]
+    assert written["previous_tasks_dormant_units_analysis"][1] == pytest.approx(A.dormant_proportion(feats), abs=1e-7)
+    assert written["previous_tasks_effective_rank_analysis"][1] == pytest.approx(A.effective_rank(feats[-1]), rel=1e-5)
+    assert written["previous_tasks_stable_rank_analysis"][1] == A.stable_rank(feats[-1])
+
+    # one test batch holds every test image, so training-mode BN statistics do not depend on the order
+    params, bs = load_snapshot(exp_dir, index, NUM_TASKS * EPOCHS_PER_TASK)
+    test_images = data.test[order].reshape(-1, 32, 32, 3)
+    labels = np.repeat(order, N_TEST)
+    logits, _ = _apply(params, bs, test_images, train=True)
+    active = np.full(100, -np.inf)
+    active[order[:NUM_TASKS * CPT]] = 0.0  # the run's classes; all 100 outputs at the paper's scale
+    expected = A.accuracy_per_class(np.asarray(logits) + active, labels, order)
+    np.testing.assert_allclose(written["accuracy_per_class_in_order"], expected)
+
+
+def test_predict_restricts_the_arg_max_to_the_given_classes(tiny_experiment):
+    params, bs = load_snapshot(tiny_experiment.exp_dir, 0, 0)
+    images = tiny_experiment.data.test[0]
+    free = A.predict(params, bs, images, WIDTH)
+    logits, _ = _apply(params, bs, images, train=True)
+    np.testing.assert_array_equal(free, np.argmax(logits, axis=-1))
+    classes = [c for c in range(100) if c != free[0]][:3]
+    assert set(A.predict(params, bs, images, WIDTH, classes=classes)) <= set(classes)
+
+
+def test_eval_mode_uses_running_statistics(tiny_experiment):
+    exp_dir, data = tiny_experiment.exp_dir, tiny_experiment.data
+    params, bs = load_snapshot(exp_dir, 0, EPOCHS_PER_TASK)
+    images = data.train[0]
+    _, feats = _apply(params, bs, images, train=False)
+    _, pooled = A.snapshot_features(params, bs, images, WIDTH, bn_mode="eval")
+    np.testing.assert_allclose(pooled, np.asarray(feats[-1]), rtol=1e-5, atol=1e-6)
+    _, pooled_train = A.snapshot_features(params, bs, images, WIDTH, bn_mode="train")
+    assert not np.allclose(pooled, pooled_train)
+
+
+def test_rerun_gives_identical_numbers(tiny_experiment):
+    exp_dir = tiny_experiment.exp_dir
+    before = {m: (exp_dir / m / "index-0.npy").read_bytes() for m in A.ANALYSIS_METRICS}
+    again = A.analyze_experiment(exp_dir, data=tiny_experiment.data, progress=False, indices=[0], log=lambda m: None)
+    assert list(again) == [0]
+    for m in A.ANALYSIS_METRICS:
+        assert (exp_dir / m / "index-0.npy").read_bytes() == before[m], m
+    assert not list(exp_dir.rglob("*.tmp"))
+
+
+def test_missing_snapshot_is_a_one_line_error_naming_the_file(tiny_experiment, tmp_path):
+    exp_dir = tmp_path / "copy"
+    shutil.copytree(tiny_experiment.exp_dir, exp_dir)
+    gone = snapshot_path(exp_dir, 1, NUM_TASKS * EPOCHS_PER_TASK)
+    shutil.rmtree(gone)
+    with pytest.raises(A.AnalysisError) as err:
+        A.analyze_experiment(exp_dir, data=tiny_experiment.data, progress=False, log=lambda m: None)
+    assert str(gone) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_analyses_with_the_configured_data_and_reports_errors(tiny_experiment, tmp_path, capsys):
+    exp_dir = tmp_path / "cli"
+    shutil.copytree(tiny_experiment.exp_dir, exp_dir)
+    for m in A.ANALYSIS_METRICS:
+        shutil.rmtree(exp_dir / m)
+    assert analyze_cli.main(["--results-dir", str(exp_dir), "--bn-mode", "eval", "--no-progress"]) == 0
+    for m in A.ANALYSIS_METRICS:
+        assert sorted(p.name for p in (exp_dir / m).iterdir()) == ["index-0.npy", "index-1.npy"]
+    assert "index 2" in capsys.readouterr().err
+
+    assert analyze_cli.main(["--results-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "nowhere" in err and "\n" not in err
+    assert analyze_cli.main(["--results-dir", str(exp_dir), "--dormant-unit-threshold", "2"]) == 2
+    assert "threshold" in capsys.readouterr().err
