@@ -29,14 +29,16 @@ from lop_jax.model import count_params, feature_layers
 from lop_jax.train import (
     NUM_FEATURE_LAYERS,
     class_order_for,
-    end_task,
+    end_task_batched,
     eval_key,
     init_state,
     make_evaluate,
     make_model,
     make_train_epoch,
+    stack_states,
     task_boundary_reset,
-    update_best,
+    unstack_state,
+    update_best_batched,
 )
 
 # Keys that may differ between runs sharing one experiment directory (they change no result).
@@ -104,14 +106,14 @@ def make_plan(cfg: Config) -> Plan:
 class Progress:
     """Reports a run: a tqdm bar over epochs, or per-epoch lines with ``verbose``."""
 
-    def __init__(self, cfg: Config, index: int, verbose: bool, enabled: bool = True,
+    def __init__(self, cfg: Config, label: str, verbose: bool, enabled: bool = True,
                  log: Callable[[str], None] = print):
         self.verbose, self.enabled, self.log = verbose, enabled, log
         self.bar = None
         if enabled and not verbose:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=cfg.num_epochs, desc=f"index {index}", unit="epoch")
+            self.bar = tqdm(total=cfg.num_epochs, desc=label, unit="epoch")
 
     def start(self, epoch: int) -> None:
         if self.bar is not None:
@@ -201,56 +203,95 @@ def run_experiment(cfg: Config, index: int, data: CifarData | None = None, verbo
 
     ``restart`` first moves the run's old files aside. ``stop_after_epoch`` stops (as after a
     SIGINT) once that many epochs are done: used to test resuming."""
+    return run_experiments(cfg, [index], data, verbose, progress, log, restart, stop_after_epoch)[0]
+
+
+def seed_sharding(num_runs: int) -> jax.sharding.Sharding | None:
+    """Shard the run axis over the visible devices (a 1-D mesh) when there are several and they
+    divide the number of runs; None otherwise (one device holds every run)."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_runs % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
+
+
+def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = None, verbose: bool = False,
+                    progress: bool = True, log: Callable[[str], None] = print, restart: bool = False,
+                    stop_after_epoch: int | None = None) -> list[res.RunResults]:
+    """Run several indices of ``cfg`` in one process: their states are stacked along a run axis
+    and every step, evaluation and hook is ``jax.vmap``-ed over it (sharded over devices when
+    several are visible). Each index keeps its own results, snapshots and checkpoints."""
+    if len(set(indices)) != len(indices) or not indices or min(indices) < 0:
+        raise ConfigError(f"--experiment-index: expected distinct indices >= 0, got {indices}")
     exp_dir = experiment_dir(cfg)
     if restart:
-        moved = move_run_aside(exp_dir, index)
-        if moved is not None:
-            log(f"--restart: the previous files of index {index} were moved to {moved}")
+        for index in indices:
+            moved = move_run_aside(exp_dir, index)
+            if moved is not None:
+                log(f"--restart: the previous files of index {index} were moved to {moved}")
     write_config(cfg, exp_dir)
     data = data if data is not None else load_data(cfg)
     if cfg.num_classes > data.num_classes:
         raise ConfigError(f"config key 'num_tasks': the run needs {cfg.num_classes} classes, "
                           f"the data has {data.num_classes}")
-    train_x, val_x, test_x = (jax.device_put(a) for a in (data.train, data.val, data.test))
-    class_order = class_order_for(index, data.num_classes)
-    state = init_state(cfg, index)
+    images = tuple(jax.device_put(a) for a in (data.train, data.val, data.test))
     extra = {"replaced_units_per_epoch": (cfg.num_epochs, NUM_FEATURE_LAYERS)} if cfg.use_cbp else None
-    results = res.RunResults(cfg, index, np.asarray(class_order), extra)
-    running = np.zeros(2, np.float32)
-    ckpt = Checkpointer(exp_dir, index, cfg, ignore_keys=OPERATIONAL_KEYS)
-    report = Progress(cfg, index, verbose, progress, log)
+    orders = [class_order_for(i, data.num_classes) for i in indices]
+    states = [init_state(cfg, i) for i in indices]
+    results = [res.RunResults(cfg, i, np.asarray(o), extra) for i, o in zip(indices, orders, strict=True)]
+    running = np.zeros((len(indices), 2), np.float32)
+    ckpts = [Checkpointer(exp_dir, i, cfg, ignore_keys=OPERATIONAL_KEYS) for i in indices]
+    label = f"index {indices[0]}" if len(indices) == 1 else f"indices {','.join(map(str, indices))}"
+    report = Progress(cfg, label, verbose, progress, log)
     try:
-        start = 0
-        restored = ckpt.latest(state, results.arrays, running, report.message)
-        if restored is not None:
-            state, running, start = restored.state, restored.running, restored.epochs_done
-            results.arrays.update(restored.arrays)
-            results.train_summary_pos = restored.train_summary_pos
-            report.message(f"index {index}: resuming after epoch {start} from {ckpt.path}")
-        else:
-            res.save_snapshot(exp_dir, index, 0, state.params, state.batch_stats)
-            res.save_status(exp_dir, index, 0, False)
+        starts = []
+        for k, (index, ckpt) in enumerate(zip(indices, ckpts, strict=True)):
+            restored = ckpt.latest(states[k], results[k].arrays, running[k], report.message)
+            if restored is None:
+                starts.append(0)
+                continue
+            states[k], running[k] = restored.state, restored.running
+            results[k].arrays.update(restored.arrays)
+            results[k].train_summary_pos = restored.train_summary_pos
+            starts.append(restored.epochs_done)
+            report.message(f"index {index}: resuming after epoch {restored.epochs_done} from {ckpt.path}")
+        if len(set(starts)) > 1:
+            raise ConfigError(f"indices {indices} stopped at different epochs {starts}; run them separately "
+                              "(or --restart) to run them together")
+        start = starts[0]
+        if start == 0:
+            for index, st in zip(indices, states, strict=True):
+                res.save_snapshot(exp_dir, index, 0, st.params, st.batch_stats)
+                res.save_status(exp_dir, index, 0, False)
         if start >= cfg.num_epochs:
-            report.message(f"index {index} already finished ({start} epochs); use --restart to run it again")
-            results.save(exp_dir)
-            res.save_status(exp_dir, index, start, True)
+            report.message(f"{label} already finished ({start} epochs); use --restart to run again")
+            for index, r in zip(indices, results, strict=True):
+                r.save(exp_dir)
+                res.save_status(exp_dir, index, start, True)
             return results
         report.start(start)
-        _run_epochs(cfg, index, exp_dir, state, results, running, start, ckpt, report, class_order,
-                    (train_x, val_x, test_x), stop_after_epoch)
+        state, class_order = stack_states(states), jnp.stack(orders)
+        sharding = seed_sharding(len(indices))
+        if sharding is not None:
+            state, class_order = jax.device_put((state, class_order), sharding)
+        _run_epochs(cfg, indices, exp_dir, state, results, running, start, ckpts, report, class_order,
+                    images, stop_after_epoch)
     finally:
-        ckpt.close()
+        for ckpt in ckpts:
+            ckpt.close()
         report.close()
     return results
 
 
-def _run_epochs(cfg: Config, index: int, exp_dir: Path, state: Any, results: res.RunResults, running: np.ndarray,
-                start: int, ckpt: Checkpointer, report: Progress, class_order: jax.Array,
-                images: tuple[jax.Array, jax.Array, jax.Array], stop_after_epoch: int | None) -> None:
+def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, results: list[res.RunResults],
+                running: np.ndarray, start: int, ckpts: list[Checkpointer], report: Progress,
+                class_order: jax.Array, images: tuple[jax.Array, jax.Array, jax.Array],
+                stop_after_epoch: int | None) -> None:
     train_x, val_x, test_x = images
-    train_epoch = make_train_epoch(cfg)
-    eval_test = make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test)
-    eval_val = make_evaluate(cfg, cfg.val_batch_size, False)
+    train_epoch = make_train_epoch(cfg, batched=True)
+    eval_test = make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test, batched=True)
+    eval_val = make_evaluate(cfg, cfg.val_batch_size, False, batched=True)
     last_saved = start
     with _StopRequest(report) as stop:
         for epoch in range(start, cfg.num_epochs):
@@ -262,13 +303,17 @@ def _run_epochs(cfg: Config, index: int, exp_dir: Path, state: Any, results: res
                                                         n_active=n_active)
             losses, accs, replaced = jax.device_get((losses, accs, replaced))
             epoch_time = time.perf_counter() - t0
-            bad = np.flatnonzero(~np.isfinite(losses))
-            if bad.size:
-                ckpt.wait()
-                raise RunError(f"non-finite training loss at epoch {epoch + 1}, step {bad[0] + 1} (index {index}); "
-                               f"stopped without saving it, the last good checkpoint (after epoch {last_saved}) "
-                               f"is kept in {ckpt.path}")
-            _record_train_summaries(results, running, losses, accs, cfg.running_avg_window, report)
+            for k, index in enumerate(indices):
+                bad = np.flatnonzero(~np.isfinite(losses[:, k]))
+                if bad.size:
+                    for ckpt in ckpts:
+                        ckpt.wait()
+                    raise RunError(f"non-finite training loss at epoch {epoch + 1}, step {bad[0] + 1} "
+                                   f"(index {index}); stopped without saving it, the last good checkpoint "
+                                   f"(after epoch {last_saved}) is kept in {ckpts[k].path}")
+            for k in range(len(indices)):
+                _record_train_summaries(results[k], running[k], losses[:, k], accs[:, k],
+                                        cfg.running_avg_window, report)
 
             t0 = time.perf_counter()
             test_loss, test_acc = jax.device_get(eval_test(state.params, state.batch_stats, test_x, class_order,
@@ -276,35 +321,44 @@ def _run_epochs(cfg: Config, index: int, exp_dir: Path, state: Any, results: res
             t1 = time.perf_counter()
             val_loss, val_acc = eval_val(state.params, state.batch_stats, val_x, class_order,
                                          eval_key(state, epoch), n_active=n_active)
-            state = update_best(state, val_acc)
+            state = update_best_batched(state, val_acc)
             val_loss, val_acc = jax.device_get((val_loss, val_acc))
             t2 = time.perf_counter()
 
-            a = results.arrays
-            a["epoch_runtime"][epoch] = epoch_time
-            a["test_loss_per_epoch"][epoch], a["test_accuracy_per_epoch"][epoch] = test_loss, test_acc
-            a["validation_loss_per_epoch"][epoch], a["validation_accuracy_per_epoch"][epoch] = val_loss, val_acc
-            a["test_evaluation_runtime"][epoch], a["validation_evaluation_runtime"][epoch] = t1 - t0, t2 - t1
-            if cfg.use_cbp:
-                a["replaced_units_per_epoch"][epoch] = replaced
-            report.epoch(epoch, task, float(test_acc), float(val_acc), epoch_time)
+            for k, r in enumerate(results):
+                a = r.arrays
+                a["epoch_runtime"][epoch] = epoch_time
+                a["test_loss_per_epoch"][epoch], a["test_accuracy_per_epoch"][epoch] = test_loss[k], test_acc[k]
+                a["validation_loss_per_epoch"][epoch] = val_loss[k]
+                a["validation_accuracy_per_epoch"][epoch] = val_acc[k]
+                a["test_evaluation_runtime"][epoch], a["validation_evaluation_runtime"][epoch] = t1 - t0, t2 - t1
+                if cfg.use_cbp:
+                    a["replaced_units_per_epoch"][epoch] = replaced[k]
+            report.epoch(epoch, task, float(np.mean(test_acc)), float(np.mean(val_acc)), epoch_time)
 
             done = epoch + 1
             task_end = done % cfg.epochs_per_task == 0
             if task_end:
-                state = end_task(state, restore=cfg.early_stopping)
-                res.save_snapshot(exp_dir, index, done, state.params, state.batch_stats)
+                state = end_task_batched(state, restore=cfg.early_stopping)
+                for k, index in enumerate(indices):
+                    run = unstack_state(state, k)
+                    res.save_snapshot(exp_dir, index, done, run.params, run.batch_stats)
                 if task + 1 < cfg.num_tasks:
-                    state = task_boundary_reset(cfg, state, task)
+                    state = task_boundary_reset(cfg, state, task, batched=True)
                     report.message(f"task {task + 1} done: {cfg.active_classes(task + 1)} classes from now on")
             stopping = stop.requested or (stop_after_epoch is not None and done >= stop_after_epoch)
             every = cfg.checkpoint_every_epochs
             if task_end or stopping or done == cfg.num_epochs or (every and done % every == 0):
-                ckpt.save(done, state, results.arrays, running, results.train_summary_pos)
+                for k, ckpt in enumerate(ckpts):
+                    ckpt.save(done, unstack_state(state, k), results[k].arrays, running[k],
+                              results[k].train_summary_pos)
                 last_saved = done
             if task_end or stopping or done == cfg.num_epochs:
-                results.save(exp_dir)
-                res.save_status(exp_dir, index, done, done == cfg.num_epochs)
+                for index, r in zip(indices, results, strict=True):
+                    r.save(exp_dir)
+                    res.save_status(exp_dir, index, done, done == cfg.num_epochs)
             if stopping and done < cfg.num_epochs:
-                ckpt.wait()
-                raise RunInterrupted(f"index {index} stopped after epoch {done}; run the same command to resume")
+                for ckpt in ckpts:
+                    ckpt.wait()
+                raise RunInterrupted(f"index {', '.join(map(str, indices))} stopped after epoch {done}; "
+                                     "run the same command to resume")

@@ -138,12 +138,23 @@ def _epoch_keys(root: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array
     return jax.random.fold_in(epoch_key, 0), jax.random.fold_in(epoch_key, 1)
 
 
-@partial(jax.jit, static_argnames=("n_images", "batch"))
-def epoch_batches(root: jax.Array, epoch: jax.Array, n_images: int, batch: int) -> jax.Array:
-    """The epoch's reshuffled batches of flat image indices, [steps, batch] (full batches only)."""
+def _batches(root: jax.Array, epoch: jax.Array, n_images: int, batch: int) -> jax.Array:
     shuffle_key, _ = _epoch_keys(root, epoch)
     steps = n_images // batch
     return jax.random.permutation(shuffle_key, n_images)[: steps * batch].reshape(steps, batch)
+
+
+@partial(jax.jit, static_argnames=("n_images", "batch"))
+def epoch_batches(root: jax.Array, epoch: jax.Array, n_images: int, batch: int) -> jax.Array:
+    """The epoch's reshuffled batches of flat image indices, [steps, batch] (full batches only);
+    with a batch of root keys [S, 2], one shuffle per run: [S, steps, batch]."""
+    if root.ndim == 2:
+        return jax.vmap(lambda r: _batches(r, epoch, n_images, batch))(root)
+    return _batches(root, epoch, n_images, batch)
+
+
+def _step_key(root: jax.Array, epoch: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(_epoch_keys(root, epoch)[1], step)
 
 
 def resolve_epoch_mode(mode: str) -> str:
@@ -154,45 +165,56 @@ def resolve_epoch_mode(mode: str) -> str:
     return "loop" if jax.default_backend() == "cpu" else "scan"
 
 
-def make_train_epoch(cfg: Config) -> Callable:
+def _donate() -> tuple[int, ...]:
+    return (0,) if jax.default_backend() != "cpu" else ()
+
+
+def make_train_epoch(cfg: Config, batched: bool = False) -> Callable:
     """Build the epoch: ``(state, images, class_order, lr, epoch, n_active) →
-    (state, step_losses, step_accuracies, replaced_per_layer)``. Both modes run the same step
-    with the same keys; ``scan`` compiles the epoch into one program (once per task), ``loop``
-    dispatches the jitted step per batch (compiled once per run) with no host sync inside."""
+    (state, step_losses, step_accuracies, replaced_per_layer)``.
+
+    Both modes run the same step with the same keys; ``scan`` compiles the epoch into one
+    program (once per task), ``loop`` dispatches the jitted step per batch (compiled once per
+    run) with no host sync inside. With ``batched``, the state and class order carry a leading
+    run axis (several seeds in one program, ``jax.vmap``); losses are then [steps, S]."""
     step_fn = make_train_step(cfg)
+    if batched:
+        step_fn = jax.vmap(step_fn, in_axes=(0, None, 0, 0, 0, 0, None))
+    step_key = jax.vmap(_step_key, in_axes=(0, None, None)) if batched else _step_key
+    mask_fn = jax.vmap(active_mask, in_axes=(0, None)) if batched else active_mask
     batch = cfg.train_batch_size
     mode = resolve_epoch_mode(cfg.epoch_mode)
-    donate = (0,) if jax.default_backend() != "cpu" else ()
 
-    def step_key(state: TrainState, epoch: jax.Array, step: jax.Array) -> jax.Array:
-        return jax.random.fold_in(_epoch_keys(state.key, epoch)[1], step)
+    def select(batches: jax.Array, step: jax.Array | int) -> jax.Array:
+        return batches[:, step] if batched else batches[step]
 
     if mode == "scan":
         def scan_epoch(state, images, class_order, lr, epoch, n_active: int):
             batches = epoch_batches(state.key, epoch, n_active * images.shape[1], batch)
-            mask = active_mask(class_order, n_active)
+            mask = mask_fn(class_order, n_active)
+            steps = batches.shape[1] if batched else batches.shape[0]
 
-            def body(st, xs):
-                idx, step = xs
-                st, loss, acc, replaced = step_fn(st, images, class_order, mask, idx,
-                                                  step_key(st, epoch, step), lr)
+            def body(st, step):
+                st, loss, acc, replaced = step_fn(st, images, class_order, mask, select(batches, step),
+                                                  step_key(st.key, epoch, step), lr)
                 return st, (loss, acc, replaced)
 
-            state, (losses, accs, replaced) = jax.lax.scan(body, state, (batches, jnp.arange(batches.shape[0])))
+            state, (losses, accs, replaced) = jax.lax.scan(body, state, jnp.arange(steps))
             return state, losses, accs, jnp.sum(replaced, axis=0)
 
-        return jax.jit(scan_epoch, static_argnames=("n_active",), donate_argnums=donate)
+        return jax.jit(scan_epoch, static_argnames=("n_active",), donate_argnums=_donate())
 
-    @partial(jax.jit, donate_argnums=donate)
+    @partial(jax.jit, donate_argnums=_donate())
     def jit_step(st, images, class_order, mask, idx, epoch, step, lr):
-        return step_fn(st, images, class_order, mask, idx, step_key(st, epoch, step), lr)
+        return step_fn(st, images, class_order, mask, idx, step_key(st.key, epoch, step), lr)
 
     def loop_epoch(state, images, class_order, lr, epoch, n_active: int):
         batches = epoch_batches(state.key, epoch, n_active * images.shape[1], batch)
-        mask = active_mask(class_order, n_active)
+        mask = mask_fn(class_order, n_active)
+        steps = batches.shape[1] if batched else batches.shape[0]
         losses, accs, replaced = [], [], []
-        for step in range(batches.shape[0]):
-            state, loss, acc, rep = jit_step(state, images, class_order, mask, batches[step], epoch,
+        for step in range(steps):
+            state, loss, acc, rep = jit_step(state, images, class_order, mask, select(batches, step), epoch,
                                              jnp.int32(step), lr)
             losses.append(loss)
             accs.append(acc)
@@ -202,19 +224,24 @@ def make_train_epoch(cfg: Config) -> Callable:
     return loop_epoch
 
 
-def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
+def make_evaluate(cfg: Config, batch: int, augment_images: bool, batched: bool = False) -> Callable:
     """Build the evaluation: ``(params, batch_stats, images, class_order, key, n_active) →
     (loss, accuracy)``, network in evaluation mode, mean over batches of the per-batch means
-    (the reference's averaging, which weights a partial last batch like a full one)."""
+    (the reference's averaging, which weights a partial last batch like a full one). With
+    ``batched``, params, batch_stats, class_order and key carry a leading run axis."""
     model = make_model(cfg)
 
-    def batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w, key):
+    def batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w, key, b):
         raw, labels = _gather(images, class_order, b_idx)
         x = normalize(raw)
         if augment_images:
-            x = augment(key, x)
+            x = augment(jax.random.fold_in(key, b), x)
         logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         return masked_loss_and_accuracy(logits, labels, mask, w)
+
+    if batched:
+        batch_metrics = jax.vmap(batch_metrics, in_axes=(0, 0, None, 0, 0, None, None, 0, None))
+    mask_fn = jax.vmap(active_mask, in_axes=(0, None)) if batched else active_mask
 
     def batches(n: int) -> tuple[jax.Array, jax.Array]:
         nb = -(-n // batch)
@@ -225,15 +252,14 @@ def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
     if resolve_epoch_mode(cfg.epoch_mode) == "scan":
         def evaluate(params, batch_stats, images, class_order, key, n_active: int):
             idx, weights = batches(n_active * images.shape[1])
-            mask = active_mask(class_order, n_active)
+            mask = mask_fn(class_order, n_active)
 
             def body(carry, xs):
                 b_idx, w, b = xs
-                return carry, batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w,
-                                            jax.random.fold_in(key, b))
+                return carry, batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w, key, b)
 
             _, (losses, accs) = jax.lax.scan(body, None, (idx, weights, jnp.arange(idx.shape[0])))
-            return jnp.mean(losses), jnp.mean(accs)
+            return jnp.mean(losses, axis=0), jnp.mean(accs, axis=0)
 
         return jax.jit(evaluate, static_argnames=("n_active",))
 
@@ -241,17 +267,15 @@ def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
 
     def evaluate_loop(params, batch_stats, images, class_order, key, n_active: int):
         idx, weights = batches(n_active * images.shape[1])
-        mask = active_mask(class_order, n_active)
-        out = [jit_batch(params, batch_stats, images, class_order, mask, idx[b], weights[b],
-                         jax.random.fold_in(key, b)) for b in range(idx.shape[0])]
-        return jnp.mean(jnp.stack([o[0] for o in out])), jnp.mean(jnp.stack([o[1] for o in out]))
+        mask = mask_fn(class_order, n_active)
+        out = [jit_batch(params, batch_stats, images, class_order, mask, idx[b], weights[b], key, jnp.int32(b))
+               for b in range(idx.shape[0])]
+        return jnp.mean(jnp.stack([o[0] for o in out]), axis=0), jnp.mean(jnp.stack([o[1] for o in out]), axis=0)
 
     return evaluate_loop
 
 
-@jax.jit
-def update_best(state: TrainState, val_acc: jax.Array) -> TrainState:
-    """Keep a copy of the network when validation accuracy strictly improves (SPEC §5)."""
+def _update_best(state: TrainState, val_acc: jax.Array) -> TrainState:
     better = val_acc > state.best_acc
     pick = partial(jax.tree_util.tree_map, lambda new, old: jnp.where(better, new, old))
     return state.replace(best_params=pick(state.params, state.best_params),
@@ -260,27 +284,54 @@ def update_best(state: TrainState, val_acc: jax.Array) -> TrainState:
                          has_best=state.has_best | better)
 
 
-@partial(jax.jit, static_argnames=("restore",))
-def end_task(state: TrainState, restore: bool) -> TrainState:
-    """Task boundary: restore the best-validation network if early stopping (parameters and
-    BatchNorm statistics, not the optimiser or algorithm state), then clear the copy.
+update_best = jax.jit(_update_best)
+update_best.__doc__ = "Keep a copy of the network when validation accuracy strictly improves (SPEC §5)."
+update_best_batched = jax.jit(jax.vmap(_update_best))
 
-    If validation accuracy never rose above 0 in the task the reference would crash; here the
-    network is then kept as it is."""
+
+def _end_task(state: TrainState, restore: bool) -> TrainState:
     if restore:
         pick = partial(jax.tree_util.tree_map, lambda best, cur: jnp.where(state.has_best, best, cur))
         state = state.replace(params=pick(state.best_params, state.params),
                               batch_stats=pick(state.best_batch_stats, state.batch_stats))
-    return state.replace(best_acc=jnp.zeros((), jnp.float32), has_best=jnp.zeros((), jnp.bool_))
+    return state.replace(best_acc=jnp.zeros_like(state.best_acc), has_best=jnp.zeros_like(state.has_best))
 
 
-def task_boundary_reset(cfg: Config, state: TrainState, task: int) -> TrainState:
-    """Apply the algorithm's task-boundary hook (head/network reset) before task ``task + 1``."""
+end_task = jax.jit(_end_task, static_argnames=("restore",))
+end_task.__doc__ = """Task boundary: restore the best-validation network if early stopping (parameters and
+BatchNorm statistics, not the optimiser or algorithm state), then clear the copy. If validation
+accuracy never rose above 0 in the task the reference would crash; here the network is kept."""
+@partial(jax.jit, static_argnames=("restore",))
+def end_task_batched(state: TrainState, restore: bool) -> TrainState:
+    """``end_task`` for a batch of runs (leading run axis)."""
+    return jax.vmap(partial(_end_task, restore=restore))(state)
+
+
+def _boundary_reset(cfg: Config, state: TrainState, task: jax.Array) -> TrainState:
     key = jax.random.fold_in(jax.random.fold_in(state.key, STREAM_TASK), task)
     params, batch_stats = algorithms.at_task_boundary(cfg, state.params, state.batch_stats, key)
     return state.replace(params=params, batch_stats=batch_stats)
 
 
+def task_boundary_reset(cfg: Config, state: TrainState, task: int, batched: bool = False) -> TrainState:
+    """Apply the algorithm's task-boundary hook (head/network reset) before task ``task + 1``."""
+    fn = partial(_boundary_reset, cfg)
+    if batched:
+        fn = jax.vmap(fn, in_axes=(0, None))
+    return jax.jit(fn)(state, jnp.int32(task))
+
+
 def eval_key(state: TrainState, epoch: int) -> jax.Array:
-    """Key for the test-time augmentation quirk at ``epoch``."""
-    return jax.random.fold_in(jax.random.fold_in(state.key, STREAM_EVAL), epoch)
+    """Key for the test-time augmentation quirk at ``epoch`` (one per run when batched)."""
+    fn = lambda k: jax.random.fold_in(jax.random.fold_in(k, STREAM_EVAL), epoch)  # noqa: E731
+    return jax.vmap(fn)(state.key) if state.key.ndim == 2 else fn(state.key)
+
+
+def stack_states(states: list[Any]) -> Any:
+    """Stack per-run pytrees along a new leading run axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(tree: Any, i: int) -> Any:
+    """Run ``i`` of a stacked pytree."""
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
