@@ -10,10 +10,25 @@ from lop_jax.config import ConfigError, load_config, parse_override
 from lop_jax.data import DataError, find_local_copy, load_data
 
 
+def parse_indices(text: str) -> list[int]:
+    """``"3"`` → [3]; ``"0-4"`` → [0, 1, 2, 3, 4]; ``"0,2,5"`` → [0, 2, 5] (ranges allowed in lists)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise ConfigError(f"--experiment-index: expected N, A-B or a comma list of them, got {text!r}") from None
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise ConfigError(f"--experiment-index: expected distinct indices >= 0, got {text!r}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__)
     p.add_argument("--config", required=True, help="JSON config (the reference's files load unchanged)")
-    p.add_argument("--experiment-index", type=int, default=0, help="run index; it determines every random draw")
+    p.add_argument("--experiment-index", default="0",
+                   help="run index (it fixes every random draw), or several: 0-4 or 0,2,5 (vmapped in one process)")
     p.add_argument("--verbose", action="store_true", help="print per-epoch accuracies instead of a progress bar")
     p.add_argument("--data-dir", help="override the config's data_path")
     p.add_argument("--results-dir", help="override the config's results_dir")
@@ -34,12 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.results_dir is not None:
             overrides["results_dir"] = args.results_dir
         cfg = load_config(args.config, overrides)
-        if args.experiment_index < 0:
-            raise ConfigError("--experiment-index must be >= 0")
+        indices = parse_indices(args.experiment_index)
         if "num_workers" in json.loads(open(args.config).read()):
             print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
         from lop_jax.checkpoint import CheckpointMismatch
-        from lop_jax.experiment import RunError, RunInterrupted, experiment_dir, make_plan, run_experiment
+        from lop_jax.experiment import RunError, RunInterrupted, experiment_dir, make_plan, run_experiments
 
         if args.dry_run:
             print("resolved configuration:")
@@ -49,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"data: no local copy under '{cfg.data_path or 'data'}'; the run would download it there")
             else:
                 print(f"data: {load_data(cfg).source}")
-            print(f"results: {experiment_dir(cfg)}")
+            print(f"results: {experiment_dir(cfg)} (indices {', '.join(map(str, indices))})")
             print("plan:")
             for line in make_plan(cfg).lines():
                 print(f"  {line}")
             return 0
         try:
-            run_experiment(cfg, args.experiment_index, verbose=args.verbose, restart=args.restart)
+            run_experiments(cfg, indices, verbose=args.verbose, restart=args.restart)
         except RunInterrupted as err:
             print(str(err), file=sys.stderr)
             return 130
