@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; the value is a JSON literal (true, 0.1, \"name\"); repeatable")
     p.add_argument("--dry-run", action="store_true", help="validate, find the data, print the plan, and exit")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a Python module first (one that registers a plasticity method named in "
+                        "extra_methods); repeatable")
     p.add_argument("--restart", action="store_true",
                    help="start the index over; its old files are moved to <exp_dir>/previous_runs/, not deleted")
     return p
@@ -48,10 +52,16 @@ def main(argv: list[str] | None = None) -> int:
             overrides["data_path"] = args.data_dir
         if args.results_dir is not None:
             overrides["results_dir"] = args.results_dir
+        for module in args.imports:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise ConfigError(f"--import {module}: {err}") from None
         cfg = load_config(args.config, overrides)
         indices = parse_indices(args.experiment_index)
         if "num_workers" in json.loads(open(args.config).read()):
             print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
+        from lop_jax.algorithms import active_methods
         from lop_jax.checkpoint import CheckpointMismatch
         from lop_jax.experiment import RunError, RunInterrupted, experiment_dir, make_plan, run_experiments
 
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print("plan:")
             for line in make_plan(cfg).lines():
                 print(f"  {line}")
+            names = [m.name for m in active_methods(cfg)]
+            print(f"  plasticity methods: {', '.join(names) if names else 'none (base deep-learning system)'}")
             return 0
         try:
             run_experiments(cfg, indices, verbose=args.verbose, restart=args.restart)

@@ -73,8 +73,9 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back
                 nxt = f"falling back to epoch {steps[i + 1]}" if i + 1 < len(steps) else "starting over"
+                kept = self._set_aside(step)
                 warn(f"warning: the checkpoint after epoch {step} in {self.path} is unreadable "
-                     f"({type(err).__name__}); {nxt}")
+                     f"({type(err).__name__}); {nxt} (the broken one was moved to {kept})")
                 continue
             meta = out["meta"]
             diff = config_diff(meta["config"], self.cfg.to_dict(), ignore=self.ignore_keys)
@@ -87,6 +88,15 @@ class Checkpointer:
                             running=np.asarray(tree["running"]), epochs_done=int(meta["epochs_done"]),
                             train_summary_pos=int(meta["train_summary_pos"]))
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Move an unreadable step out of the manager's folder (never deleted), so that the
+        resumed run can write that epoch again."""
+        dest = self.path.parent / f"{self.path.name}.unreadable" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.path / str(step)), str(dest))
+        self.manager.reload()
+        return dest
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -66,6 +66,10 @@ class Config:
     epoch_mode: str = "auto"
     checkpoint_every_epochs: int = 1
     checkpoints_to_keep: int = 3
+    # extension seam: registered plasticity methods to run besides those the reference keys select,
+    # and free-form options per method name (see lop_jax.algorithms.register_method)
+    extra_methods: tuple[str, ...] = ()
+    method_options: dict[str, Any] = field(default_factory=dict, hash=False)
     _comments: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived quantities -------------------------------------------------------------
@@ -86,17 +90,22 @@ class Config:
         return self.active_classes(task) * self.train_images_per_class // self.train_batch_size
 
     def stepsize_at(self, epoch: int) -> float:
-        """Step size for a (global, 0-based) epoch: milestones 60/120/160 of 200, scaled."""
+        """Step size for a (global, 0-based) epoch: milestones 60/120/160 of 200, scaled.
+
+        The reference sets the step size in a chain of branches on the epoch within the task
+        (``== 0`` → base, ``== 60`` → ×0.2, ``== 120`` → ×0.04, ``== 160`` → ×0.008) and keeps it
+        until the next match. Scaled milestones may coincide when ``epochs_per_task`` is small:
+        the same chain then decides (the first epoch of a task always gets the base step size).
+        """
         e = epoch % self.epochs_per_task
         f = self.epochs_per_task / 200.0
-        if e < math.floor(60 * f):
-            k = 0
-        elif e < math.floor(120 * f):
-            k = 1
-        elif e < math.floor(160 * f):
-            k = 2
-        else:
-            k = 3
+        milestones = (math.floor(60 * f), math.floor(120 * f), math.floor(160 * f))
+        k = 0
+        for ep in range(1, e + 1):
+            for j, m in enumerate(milestones):
+                if ep == m:
+                    k = j + 1
+                    break
         return self.stepsize if k == 0 else round(self.stepsize * 0.2 ** k, 5)
 
     @property
@@ -107,7 +116,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as JSON-ready data (comments dropped)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_comments"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_comments"}
+        out["extra_methods"] = list(self.extra_methods)
+        return out
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        """The ``method_options`` entry of a plasticity method ({} when there is none)."""
+        return dict(self.method_options.get(method, {}))
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "_comments"}
@@ -115,6 +130,17 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def _check_type(key: str, value: Any) -> Any:
+    if key == "extra_methods":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{key}': expected a list of method names, got {value!r}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"config key '{key}': a method is named twice in {list(value)!r}")
+        return tuple(value)
+    if key == "method_options":
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ConfigError(f"config key '{key}': expected an object of {{method name: {{option: value}}}}, "
+                              f"got {value!r}")
+        return {k: dict(v) for k, v in value.items()}
     want = _TYPES[_FIELDS[key].type]
     if want is bool:
         if not isinstance(value, bool):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lop_jax import algorithms
 from lop_jax import results as res
 from lop_jax.checkpoint import Checkpointer, move_run_aside
 from lop_jax.config import Config, ConfigError, config_diff, make_config
@@ -224,6 +225,7 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
     several are visible). Each index keeps its own results, snapshots and checkpoints."""
     if len(set(indices)) != len(indices) or not indices or min(indices) < 0:
         raise ConfigError(f"--experiment-index: expected distinct indices >= 0, got {indices}")
+    algorithms.check_methods(cfg)
     exp_dir = experiment_dir(cfg)
     if restart:
         for index in indices:

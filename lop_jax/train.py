@@ -73,7 +73,8 @@ def init_state(cfg: Config, index: int) -> TrainState:
     return TrainState(
         params=params, batch_stats=batch_stats, opt_state=opt_state,
         algo_state=algorithms.init_algo_state(cfg, params),
-        best_params=params, best_batch_stats=batch_stats,
+        best_params=jax.tree_util.tree_map(jnp.copy, params),
+        best_batch_stats=jax.tree_util.tree_map(jnp.copy, batch_stats),
         best_acc=jnp.zeros((), jnp.float32), has_best=jnp.zeros((), jnp.bool_), key=key)
 
 
