@@ -85,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         except RunInterrupted as err:
             print(str(err), file=sys.stderr)
             return 130
+        except KeyboardInterrupt:
+            print("interrupted twice: the current epoch was abandoned; the last checkpoint stays, "
+                  "run the same command to resume", file=sys.stderr)
+            return 130
+        except OSError as err:
+            where = f" {err.filename}" if err.filename else ""
+            print(f"error: cannot write the results{where}: {err.strerror or err}; "
+                  "nothing already written was removed", file=sys.stderr)
+            return 1
         except (RunError, CheckpointMismatch) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

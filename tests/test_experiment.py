@@ -251,3 +251,33 @@ def test_cli_missing_config_and_mismatch_return_2(capsys, monkeypatch, tmp_path,
                "--set", "weight_decay=0.001"])
     assert rc == 2 and "weight_decay" in capsys.readouterr().err
     assert (exp_dir / "config.json").read_bytes() == before
+
+
+def test_cli_unwritable_results_is_one_line_and_keeps_the_old_files(capsys, monkeypatch, smoke):
+    import lop_jax.results as results_module
+
+    cfg, exp_dir = smoke[("a", 0)]
+    before = {p: p.read_bytes() for p in exp_dir.glob("*/index-0.npy")}
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(results_module, "atomic_write_bytes", refuse)
+    monkeypatch.chdir(REPO_ROOT)
+    rc = main(["--config", "configs/smoke.json", "--results-dir", cfg.results_dir, "--experiment-index", "0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not the bar
+    assert rc == 1 and len(err) == 1 and "cannot write the results" in err[0] and "Permission denied" in err[0]
+    assert "Traceback" not in "\n".join(err)
+    assert {p: p.read_bytes() for p in exp_dir.glob("*/index-0.npy")} == before
+
+
+def test_cli_second_interrupt_exits_130_with_a_resume_hint(capsys, monkeypatch, tmp_path):
+    import lop_jax.experiment as experiment_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment_module, "run_experiments", interrupted)
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(["--config", "configs/smoke.json", "--results-dir", str(tmp_path)]) == 130
+    assert "run the same command to resume" in capsys.readouterr().err
