@@ -334,6 +334,21 @@ def _wait_for_checkpoint(proc, exp_dir, epoch=1):
     pytest.fail(f"no checkpoint after {WAIT_S} s")
 
 
+def _signal_after_checkpoint(root, exp_dir, log_path, sig):
+    """Start a run, send ``sig`` once its first checkpoint exists (mid-run), and return its exit code."""
+    with open(log_path, "w") as log:
+        proc = _start(root, log)
+        try:
+            _wait_for_checkpoint(proc, exp_dir)
+            assert proc.poll() is None, "the run finished before the signal could be sent"
+            proc.send_signal(sig)
+            return proc.wait(timeout=WAIT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def _finish(root, log_path):
     """Rerun the command to its end; returns its output."""
     with open(log_path, "w") as log:
@@ -352,17 +367,7 @@ def _finish(root, log_path):
 def test_sigkill_mid_run_then_rerun_is_bit_identical(runs, tmp_path):
     cfg, ref = runs.ref()
     exp = _exp_dir(tmp_path / "run")
-    with open(tmp_path / "first.log", "w") as log:
-        proc = _start(tmp_path / "run", log)
-        try:
-            _wait_for_checkpoint(proc, exp)
-            assert proc.poll() is None, "the run finished before it could be killed"
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(timeout=WAIT_S) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    assert _signal_after_checkpoint(tmp_path / "run", exp, tmp_path / "first.log", signal.SIGKILL) == -signal.SIGKILL
     killed_at = res.load_status(exp, 0)
     assert killed_at is not None and not killed_at["finished"]
     for p in exp.glob("*/index-0.npy"):  # whatever was on disk is whole
@@ -376,17 +381,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(runs, tmp_path):
 def test_sigterm_stops_cleanly_with_130_and_the_rerun_is_bit_identical(runs, tmp_path):
     cfg, ref = runs.ref()
     exp = _exp_dir(tmp_path / "run")
-    with open(tmp_path / "first.log", "w") as log:
-        proc = _start(tmp_path / "run", log)
-        try:
-            _wait_for_checkpoint(proc, exp)
-            assert proc.poll() is None, "the run finished before it could be stopped"
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=WAIT_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    rc = _signal_after_checkpoint(tmp_path / "run", exp, tmp_path / "first.log", signal.SIGTERM)
     out = (tmp_path / "first.log").read_text()
     assert rc == 130, out
     assert "SIGTERM" in out
