@@ -6,6 +6,11 @@ root key), the partial results arrays, and the host-side counters (epochs done, 
 train-summary sums and position). It lives in ``<exp_dir>/checkpoints/index-<N>/<epoch>/``;
 Orbax writes each step to a temporary folder and renames it when complete, so a kill leaves
 the previous complete checkpoint intact.
+
+Each checkpoint also records a checksum per array (computed before the write starts, on the
+device for device arrays so that only a few integers leave it). A restore recomputes them, so a
+checkpoint that Orbax reads back without complaint but whose contents changed (a swapped or
+silently damaged file) is treated like an unreadable one: set aside, previous one used.
 """
 
 from __future__ import annotations
@@ -18,10 +23,50 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from lop_jax.config import Config, config_diff
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _device_checksum(x: jax.Array) -> jax.Array:
+    """A position-weighted uint32 sum of the array's bits; any single changed element changes it."""
+    x = x.ravel()
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)  # odd: invertible mod 2^32
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_device_checksums = jax.jit(lambda leaves: [_device_checksum(x) for x in leaves])
+
+
+def _host_checksum(x: np.ndarray) -> int:
+    """The same sum as ``_device_checksum`` for a numpy array (8-byte elements count as two words)."""
+    x = np.ascontiguousarray(x).ravel()
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    bits = x.view(np.uint32) if x.dtype.itemsize == 8 else x.view(f"u{x.dtype.itemsize}").astype(np.uint32)
+    weights = np.arange(bits.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    return int(np.sum(bits * weights, dtype=np.uint32))
+
+
+def tree_checksums(tree: Any) -> list[int]:
+    """One checksum per leaf, the same for a device array and its host copy (device ones computed there)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    out = [_host_checksum(x) if not isinstance(x, jax.Array) else 0 for x in leaves]
+    for i, c in zip(on_device, jax.device_get(_device_checksums([leaves[i] for i in on_device])), strict=True):
+        out[i] = int(c)
+    return out
+
+
+class ChecksumMismatch(ValueError):
+    """A checkpoint that was read without error but holds other values than were saved."""
 
 
 @dataclass
@@ -53,8 +98,12 @@ class Checkpointer:
     def save(self, epochs_done: int, state: Any, arrays: dict[str, np.ndarray], running: np.ndarray,
              train_summary_pos: int) -> None:
         """Start saving the run after ``epochs_done`` epochs (returns before the write ends)."""
-        tree = {"state": state, "results": {k: v.copy() for k, v in arrays.items()}, "running": running.copy()}
-        meta = {"epochs_done": epochs_done, "train_summary_pos": train_summary_pos, "config": self.cfg.to_dict()}
+        # Orbax cannot save zero-size arrays (e.g. no train summary when every epoch has fewer steps
+        # than running_avg_window); they are left out and rebuilt empty on restore
+        tree = {"state": state, "results": {k: v.copy() for k, v in arrays.items() if v.size},
+                "running": running.copy()}
+        meta = {"epochs_done": epochs_done, "train_summary_pos": train_summary_pos, "config": self.cfg.to_dict(),
+                "checksums": tree_checksums(tree)}
         self.manager.save(epochs_done, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                               meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -65,12 +114,16 @@ class Checkpointer:
                warn: Callable[[str], None]) -> Restored | None:
         """Restore the newest readable checkpoint, falling back (with a warning) past broken ones."""
         steps = sorted(self.manager.all_steps(), reverse=True)
-        target = {"state": target_state, "results": target_arrays, "running": running}
+        target = {"state": target_state, "results": {k: v for k, v in target_arrays.items() if v.size},
+                  "running": running}
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         for i, step in enumerate(steps):
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                saved = out["meta"].get("checksums")
+                if saved is not None and saved != tree_checksums(out["state"]):
+                    raise ChecksumMismatch("contents differ from what was saved")
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back
                 nxt = f"falling back to epoch {steps[i + 1]}" if i + 1 < len(steps) else "starting over"
                 kept = self._set_aside(step)
@@ -84,7 +137,8 @@ class Checkpointer:
                                          f"(keys differ: {', '.join(diff)}); use --restart or another "
                                          "experiment_name")
             tree = out["state"]
-            return Restored(state=tree["state"], arrays={k: np.asarray(v) for k, v in tree["results"].items()},
+            arrays = {k: np.asarray(tree["results"][k]) if v.size else v.copy() for k, v in target_arrays.items()}
+            return Restored(state=tree["state"], arrays=arrays,
                             running=np.asarray(tree["running"]), epochs_done=int(meta["epochs_done"]),
                             train_summary_pos=int(meta["train_summary_pos"]))
         return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import socket
 import tarfile
 import urllib.request
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 EMBEDDED_PATH = Path(__file__).parent / "embedded" / "cifar100_subset.npz"
 DOWNLOAD_TIMEOUT_S = 10.0
+# tfds fetches the binary version from the same host; probed before tfds' own (slow) retry loop
+TFDS_SOURCE_HOST = ("www.cs.toronto.edu", 443)
 
 
 class DataError(RuntimeError):
@@ -148,6 +151,15 @@ def read_python_version(location: Path) -> tuple[np.ndarray, ...]:
         return _load_python_files(read, str(location))
 
 
+def host_reachable(address: tuple[str, int], timeout: float = DOWNLOAD_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``address`` opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection(address, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _read_tfds(data_path: str) -> tuple[np.ndarray, ...]:
     try:
         import tensorflow_datasets as tfds
@@ -157,8 +169,15 @@ def _read_tfds(data_path: str) -> tuple[np.ndarray, ...]:
     kwargs = {"data_dir": data_path} if data_path else {}
     try:
         builder = tfds.builder("cifar100", **kwargs)
+        if not builder.is_prepared() and not host_reachable(TFDS_SOURCE_HOST):
+            raise DataError(f"tensorflow-datasets has no prepared cifar100 in {builder.data_dir} and cannot reach "
+                            f"{TFDS_SOURCE_HOST[0]} to download it; prepare it once on a machine with network "
+                            "(tfds build cifar100) and copy the folder, or use data_source 'cifar100' with "
+                            f"{ARCHIVE_NAME} in data_path")
         builder.download_and_prepare()
         splits = {s: tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1)) for s in ("train", "test")}
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - tfds raises many types; report them in one line
         raise DataError(f"tensorflow-datasets could not provide cifar100: {type(err).__name__}: {err}") from None
     names = tuple(builder.info.features["label"].names)

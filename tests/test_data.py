@@ -319,3 +319,43 @@ def test_tfds_missing_is_a_data_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails, installed or not
     with pytest.raises(DataError, match="tfds"):
         load_data(make_config({"data_source": "tfds"}))
+
+
+class _FakeTfdsBuilder:
+    def __init__(self, prepared: bool):
+        self.prepared = prepared
+        self.data_dir = "fake_tfds_dir/cifar100/3.0.2"
+        self.download_calls = 0
+
+    def is_prepared(self) -> bool:
+        return self.prepared
+
+    def download_and_prepare(self) -> None:
+        self.download_calls += 1
+        raise AssertionError("tfds' own download (with its long retry loop) must not start offline")
+
+
+def test_tfds_offline_and_unprepared_fails_fast_without_tfds_retries(monkeypatch):
+    import types
+
+    import lop_jax.data as data_mod
+
+    builder = _FakeTfdsBuilder(prepared=False)
+    fake = types.SimpleNamespace(builder=lambda name, **kw: builder)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    probed = []
+    monkeypatch.setattr(data_mod, "host_reachable", lambda addr: probed.append(addr) or False)
+    with pytest.raises(DataError, match="no prepared cifar100 in fake_tfds_dir.*cifar-100-python.tar.gz"):
+        load_data(make_config({"data_source": "tfds"}))
+    assert builder.download_calls == 0 and probed == [data_mod.TFDS_SOURCE_HOST]
+
+
+def test_host_reachable_is_false_quickly_for_a_closed_port():
+    import socket as socket_mod
+
+    from lop_jax.data import host_reachable
+
+    with socket_mod.socket() as s:  # bind a port, never listen: a connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert host_reachable(("127.0.0.1", port), timeout=5.0) is False

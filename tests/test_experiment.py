@@ -281,3 +281,30 @@ def test_cli_second_interrupt_exits_130_with_a_resume_hint(capsys, monkeypatch, 
     monkeypatch.chdir(REPO_ROOT)
     assert main(["--config", "configs/smoke.json", "--results-dir", str(tmp_path)]) == 130
     assert "run the same command to resume" in capsys.readouterr().err
+
+
+def test_cli_verbose_lines_and_progress_bar(capsys, monkeypatch, tmp_path):
+    """--verbose: one line per epoch (test/validation accuracy, epoch time) and the running train
+    accuracy every running_avg_window steps; without it a tqdm bar with the task, accuracy and ETA."""
+    monkeypatch.chdir(REPO_ROOT)
+    cfg = load_config(SMOKE)
+    assert main(["--config", "configs/smoke.json", "--results-dir", str(tmp_path / "v"), "--verbose"]) == 0
+    captured = capsys.readouterr()
+    epoch_lines = re.findall(r"epoch (\d+) \(task (\d+)\): test accuracy (\d\.\d{4}), validation accuracy "
+                             r"(\d\.\d{4}), epoch run time (\d+\.\d\d) s", captured.out)
+    assert [(int(e), int(t)) for e, t, *_ in epoch_lines] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    saved = np.load(tmp_path / "v" / cfg.experiment_name / "test_accuracy_per_epoch" / "index-0.npy")
+    np.testing.assert_allclose([float(line[2]) for line in epoch_lines], saved, atol=5e-5)
+    w = cfg.running_avg_window  # the reference numbers the step within the epoch
+    expected = [s for t in range(cfg.num_tasks) for _ in range(cfg.epochs_per_task)
+                for s in range(w, cfg.steps_per_epoch(t) + 1, w)]
+    summaries = re.findall(r"step (\d+): running train accuracy (\d\.\d{4})", captured.out)
+    assert [int(s) for s, _ in summaries] == expected
+    assert "it/s" not in captured.err  # no bar in verbose mode
+
+    assert main(["--config", "configs/smoke.json", "--results-dir", str(tmp_path / "q")]) == 0
+    captured = capsys.readouterr()
+    assert "epoch 1 (task 1)" not in captured.out and "running train accuracy" not in captured.out
+    bar = captured.err.replace("\r", "\n")
+    assert re.search(r"4/4 \[[0-9:]+<[0-9:]+", bar), bar  # epochs done/total, elapsed<ETA
+    assert re.search(r"task=2, test_acc=\d\.\d{3}, val_acc=\d\.\d{3}", bar), bar

@@ -211,6 +211,54 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_pa
     assert_identical_runs(ref, exp, cfg)
 
 
+def test_silently_changed_checkpoint_is_detected_by_its_checksums(runs, tmp_path):
+    """A checkpoint that Orbax reads without error but whose arrays are not the ones saved (here the
+    state of the epoch before, swapped in) is set aside like an unreadable one."""
+    cfg, ref = runs.ref()
+    cfg, exp = runs.stopped("base", tmp_path / "run")
+    folder = exp / "checkpoints" / "index-0"
+    newest, previous = folder / str(STOP) / "state", folder / str(STOP - 1) / "state"
+    shutil.rmtree(newest)
+    shutil.copytree(previous, newest)
+    _, _, lines = runs.run(tmp_path / "run")
+    warnings = [s for s in lines if "unreadable" in s]
+    assert len(warnings) == 1 and "ChecksumMismatch" in warnings[0], lines
+    assert f"falling back to epoch {STOP - 1}" in warnings[0]
+    assert_identical_runs(ref, exp, cfg)
+
+
+def test_checksums_match_across_host_and_device_and_catch_one_changed_element():
+    from lop_jax.checkpoint import tree_checksums
+
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(4, 6)).astype(np.float32), "n": rng.integers(0, 9, 5).astype(np.int32),
+            "flag": np.array([True, False]), "h": rng.normal(size=3).astype(np.float16)}
+    base = tree_checksums(tree)
+    assert tree_checksums(jax.tree_util.tree_map(jax.numpy.asarray, tree)) == base
+    changed = dict(tree, w=tree["w"].copy())
+    changed["w"][2, 3] = np.nextafter(changed["w"][2, 3], np.float32(np.inf))  # one bit of one element
+    assert tree_checksums(changed)[-1] != base[-1] and tree_checksums(changed)[:-1] == base[:-1]
+    swapped = dict(tree, n=tree["n"][[1, 0, 2, 3, 4]])
+    assert tree["n"][0] != tree["n"][1] and tree_checksums(swapped) != base
+
+
+def test_zero_size_results_arrays_survive_a_checkpoint(tmp_path):
+    """No train summary at all (every epoch shorter than running_avg_window) gives empty arrays, which
+    Orbax cannot store: they are left out and come back empty."""
+    from lop_jax.checkpoint import Checkpointer
+
+    cfg = load_config(SMOKE)
+    state = {"p": jax.numpy.arange(6.0), "k": jax.random.PRNGKey(3)}
+    arrays = {"empty": np.zeros((0,), np.float32), "acc": np.array([0.5, 0.25], np.float32)}
+    ckpt = Checkpointer(tmp_path, 0, cfg)
+    ckpt.save(2, state, arrays, np.zeros(2, np.float32), 0)
+    ckpt.wait()
+    got = ckpt.latest(state, {k: np.zeros_like(v) for k, v in arrays.items()}, np.zeros(2, np.float32), print)
+    ckpt.close()
+    assert got.epochs_done == 2 and got.arrays["empty"].shape == (0,)
+    assert np.array_equal(got.arrays["acc"], arrays["acc"]) and np.array_equal(got.state["p"], state["p"])
+
+
 # ---- config mismatch, --restart --------------------------------------------------------------------------------
 def test_mismatched_config_is_refused_and_the_old_run_is_untouched(runs, tmp_path):
     cfg, ref = runs.ref()
@@ -300,9 +348,9 @@ def test_save_npy_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 # ---- the command line: SIGKILL and SIGTERM ---------------------------------------------------------------------
-def _command(root):
-    return [sys.executable, "-m", "experiments.run", "--config", str(SMOKE), "--results-dir", str(root),
-            "--set", "network_width=4"]
+def _command(root, algo="base"):
+    sets = [a for k, v in ALGOS[algo].items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    return [sys.executable, "-m", "experiments.run", "--config", str(SMOKE), "--results-dir", str(root), *sets]
 
 
 def _env():
@@ -315,8 +363,8 @@ def _env():
     return env
 
 
-def _start(root, log):
-    return subprocess.Popen(_command(root), cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+def _start(root, log, algo="base"):
+    return subprocess.Popen(_command(root, algo), cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -334,10 +382,10 @@ def _wait_for_checkpoint(proc, exp_dir, epoch=1):
     pytest.fail(f"no checkpoint after {WAIT_S} s")
 
 
-def _signal_after_checkpoint(root, exp_dir, log_path, sig):
+def _signal_after_checkpoint(root, exp_dir, log_path, sig, algo="base"):
     """Start a run, send ``sig`` once its first checkpoint exists (mid-run), and return its exit code."""
     with open(log_path, "w") as log:
-        proc = _start(root, log)
+        proc = _start(root, log, algo)
         try:
             _wait_for_checkpoint(proc, exp_dir)
             assert proc.poll() is None, "the run finished before the signal could be sent"
@@ -349,10 +397,10 @@ def _signal_after_checkpoint(root, exp_dir, log_path, sig):
                 proc.wait()
 
 
-def _finish(root, log_path):
+def _finish(root, log_path, algo="base"):
     """Rerun the command to its end; returns its output."""
     with open(log_path, "w") as log:
-        proc = _start(root, log)
+        proc = _start(root, log, algo)
         try:
             rc = proc.wait(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
@@ -364,15 +412,19 @@ def _finish(root, log_path):
     return out
 
 
-def test_sigkill_mid_run_then_rerun_is_bit_identical(runs, tmp_path):
-    cfg, ref = runs.ref()
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_sigkill_mid_run_then_rerun_is_bit_identical(runs, algo, tmp_path):
+    """Killed at whatever point the run has reached once its first checkpoint exists; the CBP and
+    shrink-and-perturb draws and CBP's utilities and ages must resume too."""
+    cfg, ref = runs.ref(algo)
     exp = _exp_dir(tmp_path / "run")
-    assert _signal_after_checkpoint(tmp_path / "run", exp, tmp_path / "first.log", signal.SIGKILL) == -signal.SIGKILL
+    rc = _signal_after_checkpoint(tmp_path / "run", exp, tmp_path / "first.log", signal.SIGKILL, algo)
+    assert rc == -signal.SIGKILL
     killed_at = res.load_status(exp, 0)
     assert killed_at is not None and not killed_at["finished"]
     for p in exp.glob("*/index-0.npy"):  # whatever was on disk is whole
         np.load(p)
-    out = _finish(tmp_path / "run", tmp_path / "second.log")
+    out = _finish(tmp_path / "run", tmp_path / "second.log", algo)
     resumed = re.findall(r"resuming after epoch (\d+)", out)
     assert len(resumed) == 1 and 1 <= int(resumed[0]) < cfg.num_epochs, out
     assert_identical_runs(ref, exp, cfg)
