@@ -1,0 +1,107 @@
+"""The scaled protocol's configs and the sweep driver (run → analyse → export → draw, resumable)."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+
+from lop_jax.analysis import ANALYSIS_METRICS
+from lop_jax.config import load_config
+from lop_jax.data import load_data
+from lop_jax.sweep import SYSTEMS, TIMING_FILE, draw_sweep, load_system_configs, per_task_summary, run_sweep
+
+SCALED = REPO_ROOT / "configs" / "scaled"
+PAPER = REPO_ROOT / "configs"
+SCALE_KEYS = {"num_tasks", "classes_per_task", "epochs_per_task", "train_images_per_class", "val_images_per_class",
+              "test_images_per_class", "network_width", "train_batch_size", "test_batch_size", "val_batch_size",
+              "running_avg_window", "checkpoint_every_epochs", "results_dir", "num_workers"}
+CBP_STEP_KEYS = {"replacement_rate", "maturity_threshold"}
+
+
+def _steps_in_task(cfg, task):
+    return cfg.steps_per_epoch(task) * cfg.epochs_per_task
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_scaled_configs_keep_the_papers_algorithm_and_explain_every_scaled_value(system):
+    scaled, paper = load_config(SCALED / f"{system}.json"), load_config(PAPER / f"{system}.json")
+    differ = {k for k, v in scaled.to_dict().items() if paper.to_dict()[k] != v}
+    allowed = SCALE_KEYS | (CBP_STEP_KEYS if system == "continual_backpropagation" else set())
+    assert differ <= allowed, differ - allowed
+    assert scaled.experiment_name == system
+    raw = json.loads((SCALED / f"{system}.json").read_text())
+    unexplained = [k for k in differ - {"results_dir", "num_workers"} if len(raw.get(f"_why_{k}_", "")) < 20]
+    assert not unexplained, f"scaled keys without a _why_<key>_ comment: {unexplained}"
+    if system == "continual_backpropagation":
+        # replacements per unit per task and the maturity as a share of a task: as in the paper
+        ratios = {_steps_in_task(scaled, t) / _steps_in_task(paper, t) for t in range(scaled.num_tasks)}
+        assert len(ratios) == 1  # the same share of the paper's steps in every task
+        ratio = ratios.pop()
+        assert scaled.replacement_rate * ratio == pytest.approx(paper.replacement_rate, rel=0.01)
+        assert scaled.maturity_threshold == round(paper.maturity_threshold * ratio)
+
+
+def test_scaled_protocol_fits_the_real_data_and_names_the_systems():
+    cfgs = load_system_configs(SCALED, SYSTEMS, {})
+    assert {c.experiment_name for c in cfgs} == set(SYSTEMS)
+    c = cfgs[0]
+    assert c.data_source == "cifar100" and c.num_classes <= 100  # the real CIFAR-100, not the embedded subset
+    assert c.val_images_per_class + c.train_images_per_class <= 500 and c.test_images_per_class <= 100
+    assert all(c.steps_per_epoch(t) >= 1 and c.steps_per_epoch(t) >= c.running_avg_window for t in range(c.num_tasks))
+
+
+def _tiny_configs(tmp_path):
+    """The smoke config as two systems of a config folder (base and retrained)."""
+    smoke = json.loads((REPO_ROOT / "configs" / "smoke.json").read_text())
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for name, extra in (("base_deep_learning_system", {}), ("retrained_network", {"reset_network": True})):
+        (folder / f"{name}.json").write_text(json.dumps({**smoke, **extra, "experiment_name": name}))
+    return folder, ["base_deep_learning_system", "retrained_network"]
+
+
+def test_sweep_runs_analyses_exports_draws_and_then_skips_what_is_exported(tmp_path, monkeypatch):
+    folder, systems = _tiny_configs(tmp_path)
+    configs = load_system_configs(folder, systems, {})
+    data = load_data(configs[0])
+    results, export = tmp_path / "results", tmp_path / "export"
+    timing = run_sweep(configs, [0], results, export, data=data, progress=False, log=lambda m: None)
+    assert sorted(timing) == [f"{s}/index-0" for s in sorted(systems)]
+    assert all(e["finished"] and e["seconds"] > 0 for e in timing.values())
+    assert json.loads((export / TIMING_FILE).read_text()) == timing
+    for s in systems:
+        dest = export / "results" / s
+        assert json.loads((dest / "run_status" / "index-0.json").read_text())["finished"]
+        for m in ANALYSIS_METRICS + ("test_accuracy_per_epoch", "class_order"):
+            np.testing.assert_array_equal(np.load(dest / m / "index-0.npy"), np.load(results / s / m / "index-0.npy"))
+        assert not (dest / "checkpoints").exists() and not (dest / "model_parameters").exists()
+
+    written = draw_sweep(export / "results", systems, export / "figures", log=lambda m: None)
+    names = {p.name for p in written}
+    assert {"summary.png", "relative_accuracy_per_epoch.png", "summary_table.txt", "summary_table.csv"} <= names
+    assert not list((export / "figures").glob("*.svg"))
+    means = per_task_summary(export / "results", systems)
+    assert len(means["base_deep_learning_system"]["next_task_dormant_units_analysis"]) == configs[0].num_tasks
+
+    # a second sweep, even without the runs' folder (another machine), runs nothing
+    import lop_jax.experiment as experiment_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an exported run was run again")
+
+    monkeypatch.setattr(experiment_module, "run_experiments", must_not_run)
+    import shutil
+
+    shutil.rmtree(results)
+    assert run_sweep(configs, [0], results, export, data=data, progress=False, log=lambda m: None) == timing
+
+
+def test_cli_skip_runs_redraws_from_the_export_and_bad_system_is_one_line(tmp_path, capsys):
+    from experiments.scaled_sweep import main
+
+    folder, systems = _tiny_configs(tmp_path)
+    rc = main(["--config-dir", str(folder), "--systems", "base_deep_learning_system,nope", "--skip-runs",
+               "--export-dir", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "nope.json" in err and len(err.splitlines()) == 1
