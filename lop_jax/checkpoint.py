@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,20 +95,38 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoints_to_keep, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.path, options=options)
+        # Orbax's own save call blocks for a few tenths of a second even for a tiny state (host
+        # copies, folders, metadata); one worker thread takes that off the training loop
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoint-{index}")
+        self._pending: Future | None = None
 
     def save(self, epochs_done: int, state: Any, arrays: dict[str, np.ndarray], running: np.ndarray,
              train_summary_pos: int) -> None:
-        """Start saving the run after ``epochs_done`` epochs (returns before the write ends)."""
+        """Start saving the run after ``epochs_done`` epochs (returns before the write ends).
+
+        The state is copied to the host first (a donated buffer may be reused by the next epoch),
+        and its checksums are taken where it lives; the write itself happens on a worker thread."""
         # Orbax cannot save zero-size arrays (e.g. no train summary when every epoch has fewer steps
         # than running_avg_window); they are left out and rebuilt empty on restore
-        tree = {"state": state, "results": {k: v.copy() for k, v in arrays.items() if v.size},
-                "running": running.copy()}
+        tree = {"state": state, "results": {k: v for k, v in arrays.items() if v.size}, "running": running}
         meta = {"epochs_done": epochs_done, "train_summary_pos": train_summary_pos, "config": self.cfg.to_dict(),
                 "checksums": tree_checksums(tree)}
+        host = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+        self._collect()
+        self._pending = self._worker.submit(self._write, epochs_done, host, meta)
+
+    def _write(self, epochs_done: int, tree: Any, meta: dict[str, Any]) -> None:
         self.manager.save(epochs_done, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                               meta=ocp.args.JsonSave(meta)), force=True)
 
+    def _collect(self) -> None:
+        """Wait for the pending save call (not its background write); re-raise its error here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
     def wait(self) -> None:
+        self._collect()
         self.manager.wait_until_finished()
 
     def latest(self, target_state: Any, target_arrays: dict[str, np.ndarray], running: np.ndarray,
@@ -153,8 +172,11 @@ class Checkpointer:
         return dest
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self._worker.shutdown(wait=True)
+            self.manager.close()
 
 
 class CheckpointMismatch(ValueError):
