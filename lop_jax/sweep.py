@@ -66,6 +66,24 @@ def _exported(export_dir: Path, system: str, index: int) -> bool:
     return _finished(dest, index) and all((dest / m / f"index-{index}.npy").is_file() for m in ANALYSIS_METRICS)
 
 
+def check_export_config(cfg: Config, export_dir: Path) -> None:
+    """Refuse to add to (or skip runs because of) an exported copy made with another config."""
+    from lop_jax.config import config_diff
+    from lop_jax.experiment import OPERATIONAL_KEYS
+
+    path = export_dir / "results" / cfg.experiment_name / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON; move the exported copy aside") from None
+    diff = config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
+    if diff:
+        raise ConfigError(f"the exported runs in {path.parent} were made with another config (keys differ: "
+                          f"{', '.join(diff)}); move them aside or use another --export-dir")
+
+
 def run_sweep(configs: Sequence[Config], seeds: Sequence[int], results_dir: str | Path, export_dir: str | Path,
               data: Any = None, seeds_together: bool = False, log: Callable[[str], None] = print,
               verbose: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -86,6 +104,7 @@ def run_sweep(configs: Sequence[Config], seeds: Sequence[int], results_dir: str 
     for group in groups:
         for cfg in configs:
             name, exp_dir = cfg.experiment_name, results_dir / cfg.experiment_name
+            check_export_config(cfg, export_dir)
             todo = [i for i in group if not _exported(export_dir, name, i)]
             if not todo:
                 continue

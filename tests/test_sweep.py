@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from lop_jax.analysis import ANALYSIS_METRICS
-from lop_jax.config import load_config
+from lop_jax.config import ConfigError, load_config
 from lop_jax.data import load_data
 from lop_jax.sweep import SYSTEMS, TIMING_FILE, draw_sweep, load_system_configs, per_task_summary, run_sweep
 
@@ -23,14 +23,19 @@ def _steps_in_task(cfg, task):
     return cfg.steps_per_epoch(task) * cfg.epochs_per_task
 
 
+SCALED_FOLDERS = [SCALED] + sorted((REPO_ROOT / "configs" / "scaled_search").iterdir())
+
+
+@pytest.mark.parametrize("folder", SCALED_FOLDERS, ids=lambda p: p.name)
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_scaled_configs_keep_the_papers_algorithm_and_explain_every_scaled_value(system):
-    scaled, paper = load_config(SCALED / f"{system}.json"), load_config(PAPER / f"{system}.json")
+def test_scaled_configs_keep_the_papers_algorithm_and_explain_every_scaled_value(folder, system):
+    """configs/scaled and every candidate of the search (configs/scaled_search/*)."""
+    scaled, paper = load_config(folder / f"{system}.json"), load_config(PAPER / f"{system}.json")
     differ = {k for k, v in scaled.to_dict().items() if paper.to_dict()[k] != v}
     allowed = SCALE_KEYS | (CBP_STEP_KEYS if system == "continual_backpropagation" else set())
     assert differ <= allowed, differ - allowed
     assert scaled.experiment_name == system
-    raw = json.loads((SCALED / f"{system}.json").read_text())
+    raw = json.loads((folder / f"{system}.json").read_text())
     unexplained = [k for k in differ - {"results_dir", "num_workers"} if len(raw.get(f"_why_{k}_", "")) < 20]
     assert not unexplained, f"scaled keys without a _why_<key>_ comment: {unexplained}"
     if system == "continual_backpropagation":
@@ -95,6 +100,13 @@ def test_sweep_runs_analyses_exports_draws_and_then_skips_what_is_exported(tmp_p
 
     shutil.rmtree(results)
     assert run_sweep(configs, [0], results, export, data=data, progress=False, log=lambda m: None) == timing
+
+    # exported runs of another config are neither skipped nor mixed with new ones
+    import dataclasses
+
+    changed = [dataclasses.replace(c, epochs_per_task=3) for c in configs]
+    with pytest.raises(ConfigError, match="exported runs .* another config .*epochs_per_task"):
+        run_sweep(changed, [0], results, export, data=data, progress=False, log=lambda m: None)
 
 
 def test_cli_skip_runs_redraws_from_the_export_and_bad_system_is_one_line(tmp_path, capsys):
