@@ -51,15 +51,21 @@ def experiment_dir(cfg: Config) -> Path:
     return Path(cfg.results_dir or "results") / cfg.experiment_name
 
 
+def stored_config_diff(path: Path, cfg: Config, remedy: str) -> list[str]:
+    """Keys (operational ones aside) in which the config stored at ``path`` differs from ``cfg``;
+    an unreadable file is a ConfigError that ends with ``remedy``."""
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON; {remedy}") from None
+    return config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
+
+
 def write_config(cfg: Config, exp_dir: Path) -> None:
     """Store the resolved config; refuse to mix runs of a different config in one directory."""
     path = exp_dir / "config.json"
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise ConfigError(f"{path} is not valid JSON; move it away or choose another experiment_name") from None
-        diff = config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
+        diff = stored_config_diff(path, cfg, "move it away or choose another experiment_name")
         if diff:
             raise ConfigError(f"{exp_dir} holds runs of a different config (keys differ: {', '.join(diff)}); "
                               "use another experiment_name or results_dir")

@@ -68,17 +68,12 @@ def _exported(export_dir: Path, system: str, index: int) -> bool:
 
 def check_export_config(cfg: Config, export_dir: Path) -> None:
     """Refuse to add to (or skip runs because of) an exported copy made with another config."""
-    from lop_jax.config import config_diff
-    from lop_jax.experiment import OPERATIONAL_KEYS
+    from lop_jax.experiment import stored_config_diff
 
     path = export_dir / "results" / cfg.experiment_name / "config.json"
     if not path.is_file():
         return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON; move the exported copy aside") from None
-    diff = config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
+    diff = stored_config_diff(path, cfg, "move the exported copy aside")
     if diff:
         raise ConfigError(f"the exported runs in {path.parent} were made with another config (keys differ: "
                           f"{', '.join(diff)}); move them aside or use another --export-dir")
