@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lop_jax.data import DataError
     from lop_jax.experiment import RunError, RunInterrupted
     from lop_jax.plots import PlotError
-    from lop_jax.sweep import draw_sweep, load_system_configs, per_task_summary, run_sweep
+    from lop_jax.sweep import SYSTEMS, draw_sweep, load_system_configs, per_task_summary, run_sweep
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     overrides = {"data_path": args.data_dir} if args.data_dir is not None else {}
@@ -60,10 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.skip_runs:
             run_sweep(configs, parse_indices(args.seeds), args.results_dir, export_dir,
                       seeds_together=args.seeds_together, verbose=args.verbose)
-        for path in draw_sweep(export_dir / "results", systems, export_dir / "figures",
+        drawn = systems + [s for s in SYSTEMS if s not in systems]  # a --systems subset keeps the others' curves
+        for path in draw_sweep(export_dir / "results", drawn, export_dir / "figures",
                                log=lambda m: print(m, file=sys.stderr)):
             print(path)
-        summary = per_task_summary(export_dir / "results", systems)
+        summary = per_task_summary(export_dir / "results", drawn)
         (export_dir / "per_task_means.json").write_text(json.dumps(summary, indent=1) + "\n")
         print((export_dir / "figures" / "summary_table.txt").read_text())
     except RunInterrupted as err:

@@ -117,3 +117,16 @@ def test_cli_skip_runs_redraws_from_the_export_and_bad_system_is_one_line(tmp_pa
                "--export-dir", str(tmp_path / "e")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "nope.json" in err and len(err.splitlines()) == 1
+
+
+def test_cli_with_a_system_subset_still_draws_every_exported_system(tmp_path, capsys):
+    from experiments.scaled_sweep import main
+
+    folder, systems = _tiny_configs(tmp_path)
+    configs = load_system_configs(folder, systems, {})
+    export = tmp_path / "e"
+    run_sweep(configs, [0], tmp_path / "r", export, data=load_data(configs[0]), progress=False, log=lambda m: None)
+    assert main(["--config-dir", str(folder), "--systems", "retrained_network", "--skip-runs",
+                 "--export-dir", str(export)]) == 0
+    table = (export / "figures" / "summary_table.txt").read_text()
+    assert "base_deep_learning_system" in table and "retrained_network" in table
