@@ -358,8 +358,7 @@ def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, resu
             every = cfg.checkpoint_every_epochs
             if task_end or stopping or done == cfg.num_epochs or (every and done % every == 0):
                 for k, ckpt in enumerate(ckpts):
-                    ckpt.save(done, unstack_state(state, k), results[k].arrays, running[k],
-                              results[k].train_summary_pos)
+                    ckpt.save(done, state, results[k].arrays, running[k], results[k].train_summary_pos, run=k)
                 last_saved = done
             if task_end or stopping or done == cfg.num_epochs:
                 for index, r in zip(indices, results, strict=True):

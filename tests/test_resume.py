@@ -228,18 +228,66 @@ def test_silently_changed_checkpoint_is_detected_by_its_checksums(runs, tmp_path
 
 
 def test_checksums_match_across_host_and_device_and_catch_one_changed_element():
-    from lop_jax.checkpoint import tree_checksums
+    from lop_jax.checkpoint import checksum
 
     rng = np.random.default_rng(0)
-    tree = {"w": rng.normal(size=(4, 6)).astype(np.float32), "n": rng.integers(0, 9, 5).astype(np.int32),
-            "flag": np.array([True, False]), "h": rng.normal(size=3).astype(np.float16)}
-    base = tree_checksums(tree)
-    assert tree_checksums(jax.tree_util.tree_map(jax.numpy.asarray, tree)) == base
-    changed = dict(tree, w=tree["w"].copy())
-    changed["w"][2, 3] = np.nextafter(changed["w"][2, 3], np.float32(np.inf))  # one bit of one element
-    assert tree_checksums(changed)[-1] != base[-1] and tree_checksums(changed)[:-1] == base[:-1]
-    swapped = dict(tree, n=tree["n"][[1, 0, 2, 3, 4]])
-    assert tree["n"][0] != tree["n"][1] and tree_checksums(swapped) != base
+    arrays = {"w": rng.normal(size=(4, 6)).astype(np.float32), "n": rng.integers(0, 9, 5).astype(np.int32),
+              "flag": np.array([True, False]), "h": rng.normal(size=3).astype(np.float16),
+              "bytes": rng.integers(0, 255, 40).astype(np.uint8)}
+    for name, x in arrays.items():
+        assert checksum(jax.numpy.asarray(x)) == checksum(x), name
+    w = arrays["w"].copy()
+    w[2, 3] = np.nextafter(w[2, 3], np.float32(np.inf))  # one bit of one element
+    assert checksum(w) != checksum(arrays["w"])
+    n = arrays["n"]
+    assert n[0] != n[1] and checksum(n[[1, 0, 2, 3, 4]]) != checksum(n)  # same values, other places
+
+
+def _tiny_cfg():
+    return load_config(SMOKE)
+
+
+def test_a_stacked_state_saves_the_chosen_run_and_restores_bit_for_bit(tmp_path):
+    """Several runs vmapped together are saved one checkpoint per run, straight from the stacked
+    state; the restore gives back that run's leaves exactly (dtypes, shapes, bits)."""
+    from lop_jax.checkpoint import Checkpointer
+
+    rng = np.random.default_rng(1)
+    stacked = {"w": jax.numpy.asarray(rng.normal(size=(3, 4, 5)).astype(np.float32)),
+               "key": jax.numpy.asarray(rng.integers(0, 2**31, (3, 2)).astype(np.uint32)),
+               "flag": jax.numpy.asarray(np.array([True, False, True])),
+               "count": jax.numpy.asarray(np.array([7, 8, 9], np.int32))}
+    arrays = {"acc": np.array([0.5, 0.25, 0.125], np.float32), "order": np.arange(5, dtype=np.int64)[::-1].copy()}
+    running = np.array([1.5, -2.0], np.float32)
+    ckpt = Checkpointer(tmp_path, 4, _tiny_cfg())
+    ckpt.save(6, stacked, arrays, running, 3, run=1)
+    ckpt.wait()
+    template = jax.tree_util.tree_map(lambda x: jax.numpy.zeros_like(x[0]), stacked)
+    got = ckpt.latest(template, {k: np.zeros_like(v) for k, v in arrays.items()}, np.zeros(2, np.float32), print)
+    ckpt.close()
+    assert got.epochs_done == 6 and got.train_summary_pos == 3
+    for name, x in stacked.items():
+        want = np.asarray(x[1])
+        assert got.state[name].dtype == want.dtype and _same_bits(np.asarray(got.state[name]), want), name
+    assert all(got.arrays[k].dtype == v.dtype and np.array_equal(got.arrays[k], v) for k, v in arrays.items())
+    assert _same_bits(got.running, running)
+
+
+def test_a_checkpoint_of_another_layout_is_refused_not_set_aside(tmp_path):
+    """A checkpoint whose stored arrays do not fit this config's state (an older lop-jax, or a
+    hand-edited config) is a one-line error; the checkpoint stays where it is."""
+    from lop_jax.checkpoint import Checkpointer, CheckpointMismatch
+
+    cfg = _tiny_cfg()
+    ckpt = Checkpointer(tmp_path, 0, cfg)
+    ckpt.save(2, {"p": jax.numpy.arange(6.0)}, {"acc": np.zeros(2, np.float32)}, np.zeros(2, np.float32), 0)
+    ckpt.wait()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(CheckpointMismatch, match="other shapes") as err:
+        ckpt.latest({"p": jax.numpy.arange(7.0)}, {"acc": np.zeros(2, np.float32)}, np.zeros(2, np.float32), print)
+    ckpt.close()
+    assert "\n" not in str(err.value) and "--restart" in str(err.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_zero_size_results_arrays_survive_a_checkpoint(tmp_path):
