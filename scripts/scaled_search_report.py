@@ -5,7 +5,9 @@
 For the chosen protocol (``<root>/results``) and every candidate of the search
 (``<root>/search/<name>/results``): per task, the best test accuracy of each system (the value
 the paper plots), the base system's dormant units and stable rank on the next task's data and
-its average weight magnitude, and the wall time of each run from ``sweep_timing.json``.
+its average weight magnitude, and the wall time of each run from ``sweep_timing.json``. Where a
+system has several run indices, each cell is the mean ± standard error over them, and the
+accuracy difference to the retrained network is taken seed by seed (same class order).
 """
 
 from __future__ import annotations
@@ -19,35 +21,65 @@ import numpy as np
 from lop_jax.sweep import SYSTEMS
 
 
-def _load(exp: Path, metric: str) -> np.ndarray | None:
-    path = exp / metric / "index-0.npy"
-    return np.load(path) if path.is_file() else None
+def _indices(exp: Path) -> list[int]:
+    """The run indices of one system that have results."""
+    return sorted(int(f.stem.split("-")[1]) for f in (exp / "test_accuracy_per_epoch").glob("index-*.npy"))
+
+
+def _load(exp: Path, metric: str, indices: list[int]) -> np.ndarray | None:
+    """One row per run index, or None when the metric is missing for any of them."""
+    paths = [exp / metric / f"index-{i}.npy" for i in indices]
+    return np.stack([np.load(p) for p in paths]) if paths and all(p.is_file() for p in paths) else None
+
+
+def _cell(values: np.ndarray, fmt: str) -> str:
+    """Mean over runs, with the standard error when there are several."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    se = values.std(ddof=1) / np.sqrt(len(values))
+    return f"{fmt.format(values.mean())} ± {fmt.replace('+', '').format(se)}"
 
 
 def candidate_table(results: Path, timing: dict) -> str:
-    """One markdown table: a row per (system, quantity), a column per task."""
+    """One markdown table: a row per (system, quantity), a column per task; mean ± standard error
+    over the run indices a system has (the row label says how many)."""
     systems = [s for s in SYSTEMS if (results / s / "config.json").is_file()]
     cfg = json.loads((results / systems[0] / "config.json").read_text())
     tasks, cpt = cfg["num_tasks"], cfg["classes_per_task"]
-    header = "| seed 0 | " + " | ".join(str(cpt * (t + 1)) for t in range(tasks)) + " |"
+    runs = {s: _indices(results / s) for s in systems}
+    seeds = sorted({len(v) for v in runs.values()})
+    label = "seed 0" if seeds == [1] else "mean ± s.e. over seeds"
+    header = f"| {label} | " + " | ".join(str(cpt * (t + 1)) for t in range(tasks)) + " |"
     rows = [header, "| --- " * (tasks + 1) + "|"]
+    n = {s: f" (n={len(runs[s])})" if seeds != [1] else "" for s in systems}
+    best = {}
     for s in systems:
-        acc = _load(results / s, "test_accuracy_per_epoch")
+        acc = _load(results / s, "test_accuracy_per_epoch", runs[s])
         if acc is not None:
-            best = acc.reshape(tasks, -1).max(axis=1) * 100
-            rows.append(f"| {s}: best test accuracy (%) | " + " | ".join(f"{v:.1f}" for v in best) + " |")
+            best[s] = acc.reshape(len(runs[s]), tasks, -1).max(axis=2) * 100
+            rows.append(f"| {s}{n[s]}: best test accuracy (%) | "
+                        + " | ".join(_cell(best[s][:, t], "{:.1f}") for t in range(tasks)) + " |")
+    ref = "retrained_network"
+    if ref in best and seeds != [1]:
+        for s in systems:
+            common = [i for i in runs[s] if i in runs[ref]]
+            if s == ref or s not in best or len(common) < 2:
+                continue
+            diff = np.stack([best[s][runs[s].index(i)] - best[ref][runs[ref].index(i)] for i in common])
+            rows.append(f"| {s} (n={len(common)}): minus retrained, same seed (points) | "
+                        + " | ".join(_cell(diff[:, t], "{:+.1f}") for t in range(tasks)) + " |")
     for s in systems:
-        for metric, label, fmt in (("next_task_dormant_units_analysis", "dormant units (%)", "{:.2f}"),
-                                   ("next_task_stable_rank_analysis", "stable rank (of 64)", "{:.0f}"),
-                                   ("weight_magnitude_analysis", "weight magnitude", "{:.3f}")):
-            v = _load(results / s, metric)
+        for metric, name, fmt in (("next_task_dormant_units_analysis", "dormant units (%)", "{:.2f}"),
+                                  ("next_task_stable_rank_analysis", "stable rank (of 64)", "{:.0f}"),
+                                  ("weight_magnitude_analysis", "weight magnitude", "{:.3f}")):
+            v = _load(results / s, metric, runs[s])
             if v is None:
                 continue
             v = v * 100 if metric == "next_task_dormant_units_analysis" else v
-            rows.append(f"| {s}: {label} | " + " | ".join(fmt.format(x) for x in v) + " |")
-    walls = ", ".join(f"{k.split('/')[0]} {v['seconds'] / 60:.1f} min" for k, v in sorted(timing.items())
-                      if v.get("finished"))
-    return "\n".join(rows) + (f"\n\nWall time per run (seed 0): {walls}." if walls else "")
+            rows.append(f"| {s}{n[s]}: {name} | " + " | ".join(_cell(v[:, t], fmt) for t in range(v.shape[1])) + " |")
+    walls = ", ".join(f"{k.replace('/index-', ' seed ')} {v['seconds'] / 60:.1f} min"
+                      for k, v in sorted(timing.items()) if v.get("finished"))
+    return "\n".join(rows) + (f"\n\nWall time per run: {walls}." if walls else "")
 
 
 def main() -> None:
