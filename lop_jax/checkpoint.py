@@ -69,6 +69,8 @@ def checksum(x: jax.Array | np.ndarray) -> int:
     return int(jax.device_get(_checksum_jit(x))) if isinstance(x, jax.Array) else _host_checksum(x)
 
 
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lop-jax-checkpoint")
+
 FORMAT = 2  # 1: one Orbax array per leaf; 2: one byte buffer for the state, one for the host arrays
 
 
@@ -138,12 +140,12 @@ class Checkpointer:
         self.cfg = cfg
         self.ignore_keys = ignore_keys
         self.path = checkpoint_dir(exp_dir, index)
+        # Orbax's own asynchronous machinery is not used: its signals are process-global, and two
+        # managers (several run indices in one process) saving at once time out waiting for each
+        # other. Instead every write, whole and synchronous, runs on one process-wide worker thread
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoints_to_keep, create=True,
-                                               enable_async_checkpointing=True)
+                                               enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.path, options=options)
-        # Orbax's own save call blocks for a while even for a small state (folders, metadata);
-        # one worker thread takes that off the training loop
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoint-{index}")
         self._pending: Future | None = None
 
     def save(self, epochs_done: int, state: Any, arrays: dict[str, np.ndarray], running: np.ndarray,
@@ -165,7 +167,7 @@ class Checkpointer:
         meta["checksums"] = [int(device_sum), checksum(host_buf)]
         tree = {"state": np.asarray(device_buf), "host": host_buf}
         self._collect()
-        self._pending = self._worker.submit(self._write, epochs_done, tree, meta)
+        self._pending = _WRITER.submit(self._write, epochs_done, tree, meta)
 
     def _write(self, epochs_done: int, tree: Any, meta: dict[str, Any]) -> None:
         # Orbax cannot store a zero-size array; an empty buffer is left out and rebuilt on restore
@@ -174,14 +176,13 @@ class Checkpointer:
                                                               meta=ocp.args.JsonSave(meta)), force=True)
 
     def _collect(self) -> None:
-        """Wait for the pending save call (not its background write); re-raise its error here."""
+        """Wait for this run's pending write; re-raise its error here."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
 
     def wait(self) -> None:
         self._collect()
-        self.manager.wait_until_finished()
 
     def latest(self, target_state: Any, target_arrays: dict[str, np.ndarray], running: np.ndarray,
                warn: Callable[[str], None]) -> Restored | None:
@@ -190,24 +191,9 @@ class Checkpointer:
         ``target_state`` (a freshly initialised state of the same config) gives the tree structure,
         shapes and dtypes the stored bytes are split into."""
         steps = sorted(self.manager.all_steps(), reverse=True)
-        leaves, treedef = jax.tree_util.tree_flatten(target_state)
-        names = sorted(target_arrays)
-        host_templates = [target_arrays[k] for k in names] + [running]
         for i, step in enumerate(steps):
             try:
-                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                self._check_compatible(meta, leaves, host_templates, names)
-                sizes = {"state": sum(x.size * np.dtype(x.dtype).itemsize for x in leaves),
-                         "host": sum(x.size * x.dtype.itemsize for x in host_templates)}
-                abstract = {k: jax.ShapeDtypeStruct((n,), jnp.uint8) for k, n in sizes.items() if n}
-                got = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract)))["state"]
-                bufs = {k: np.asarray(got[k]) if k in got else np.zeros((0,), np.uint8) for k in sizes}
-                sums = [checksum(jnp.asarray(bufs["state"])), checksum(bufs["host"])]
-                if sums != meta["checksums"]:
-                    raise ChecksumMismatch("contents differ from what was saved")
-                state_leaves = _unpack(bufs["state"], leaves)
-                host = _unpack(bufs["host"], host_templates)
+                return self.restore(step, target_state, target_arrays, running)
             except CheckpointMismatch:
                 raise
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back
@@ -215,11 +201,36 @@ class Checkpointer:
                 kept = self._set_aside(step)
                 warn(f"warning: the checkpoint after epoch {step} in {self.path} is unreadable "
                      f"({type(err).__name__}); {nxt} (the broken one was moved to {kept})")
-                continue
-            state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in state_leaves])
-            return Restored(state=state, arrays=dict(zip(names, host[:-1], strict=True)), running=host[-1],
-                            epochs_done=int(meta["epochs_done"]), train_summary_pos=int(meta["train_summary_pos"]))
         return None
+
+    def restore(self, step: int, target_state: Any, target_arrays: dict[str, np.ndarray] | None = None,
+                running: np.ndarray | None = None) -> Restored:
+        """Restore the checkpoint written after epoch ``step``; raises if it is unreadable, changed
+        since it was written (ChecksumMismatch) or of another config or layout (CheckpointMismatch).
+
+        Without ``target_arrays`` and ``running`` the results arrays are rebuilt from the layout
+        stored with the checkpoint."""
+        leaves, treedef = jax.tree_util.tree_flatten(target_state)
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if target_arrays is None or running is None:
+            layout = meta.get("host_layout", [])
+            target_arrays = {k: np.zeros(shape, dtype) for k, (dtype, shape) in zip(meta.get("result_names", []),
+                                                                                   layout, strict=False)}
+            running = np.zeros(layout[-1][1], layout[-1][0]) if layout else np.zeros(2, np.float32)
+        names = sorted(target_arrays)
+        host_templates = [target_arrays[k] for k in names] + [running]
+        self._check_compatible(meta, leaves, host_templates, names)
+        sizes = {"state": sum(x.size * np.dtype(x.dtype).itemsize for x in leaves),
+                 "host": sum(x.size * x.dtype.itemsize for x in host_templates)}
+        abstract = {k: jax.ShapeDtypeStruct((n,), jnp.uint8) for k, n in sizes.items() if n}
+        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        bufs = {k: np.asarray(got[k]) if k in got else np.zeros((0,), np.uint8) for k in sizes}
+        if [checksum(jnp.asarray(bufs["state"])), checksum(bufs["host"])] != meta["checksums"]:
+            raise ChecksumMismatch("contents differ from what was saved")
+        state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in _unpack(bufs["state"], leaves)])
+        host = _unpack(bufs["host"], host_templates)
+        return Restored(state=state, arrays=dict(zip(names, host[:-1], strict=True)), running=host[-1],
+                        epochs_done=int(meta["epochs_done"]), train_summary_pos=int(meta["train_summary_pos"]))
 
     def _check_compatible(self, meta: dict[str, Any], leaves: list[Any], host_templates: list[np.ndarray],
                           names: list[str]) -> None:
@@ -251,7 +262,6 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            self._worker.shutdown(wait=True)
             self.manager.close()
 
 

@@ -7,16 +7,17 @@ the algorithm comes from the reference's keys exactly as in a real run.
 from __future__ import annotations
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO_ROOT
 
 from lop_jax import plots
 from lop_jax.analysis import ANALYSIS_METRICS, analyze_experiment
+from lop_jax.checkpoint import Checkpointer
 from lop_jax.config import load_config
-from lop_jax.experiment import RunInterrupted, run_experiments
+from lop_jax.experiment import OPERATIONAL_KEYS, RunInterrupted, run_experiments
 from lop_jax.model import feature_layers
 from lop_jax.results import load_snapshot
+from lop_jax.train import init_state
 
 SYSTEMS = ("base_deep_learning_system", "continual_backpropagation", "shrink_and_perturb", "head_resetting",
            "retrained_network")
@@ -73,12 +74,13 @@ def test_cbp_replaces_units_in_every_feature_layer_and_still_learns(sweep):
             assert not (root / system / "replaced_units_per_epoch").exists()
 
 
-def _checkpoint_params(root, system, index, epoch):
-    path = (root / system / "checkpoints" / f"index-{index}").absolute()
-    with ocp.CheckpointManager(path) as mngr:
-        tree = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = tree["state"]["state"]
-    return state["params"], state["batch_stats"]
+def _checkpoint_params(root, system, index, epoch, cfg):
+    ckpt = Checkpointer(root / system, index, cfg, ignore_keys=OPERATIONAL_KEYS)
+    try:
+        state = ckpt.restore(epoch, init_state(cfg, index)).state
+    finally:
+        ckpt.close()
+    return state.params, state.batch_stats
 
 
 def _same(a, b) -> bool:
@@ -94,7 +96,7 @@ def test_task_boundary_resets_run_after_the_restore_and_the_snapshot(sweep, syst
     epoch = cfgs[system].epochs_per_task
     for index in INDICES:
         snap_params, snap_stats = load_snapshot(root / system, index, epoch)
-        params, stats = _checkpoint_params(root, system, index, epoch)
+        params, stats = _checkpoint_params(root, system, index, epoch, cfgs[system])
         assert not _same(params["fc"]["kernel"], snap_params["fc"]["kernel"])
         assert np.all(np.asarray(params["fc"]["bias"]) == 0)
         conv_kept = _same(params["block3"]["conv1"]["kernel"], snap_params["block3"]["conv1"]["kernel"])
