@@ -1,6 +1,6 @@
 """Print the markdown tables of docs/scaled_protocol.md from the committed result arrays.
 
-    python scripts/scaled_search_report.py [--root docs/scaled_protocol]
+    python scripts/scaled_search_report.py [--root docs/scaled_protocol] [--update docs/scaled_protocol.md]
 
 For the chosen protocol (``<root>/results``) and every candidate of the search
 (``<root>/search/<name>/results``): per task, the best test accuracy of each system (the value
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,17 +83,39 @@ def candidate_table(results: Path, timing: dict) -> str:
     return "\n".join(rows) + (f"\n\nWall time per run: {walls}." if walls else "")
 
 
+def update_document(doc: Path, tables: dict[str, str]) -> list[str]:
+    """Replace the text between ``<!-- report: NAME -->`` and ``<!-- /report -->`` with the table of
+    NAME; returns the names replaced (a marker naming no table is left as it is)."""
+    text, done = doc.read_text(), []
+    for name, table in tables.items():
+        pattern = re.compile(rf"(<!-- report: {re.escape(name)} -->\n).*?(<!-- /report -->)", re.S)
+        text, n = pattern.subn(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
+        if n:
+            done.append(name)
+    doc.write_text(text)
+    return done
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="docs/scaled_protocol")
-    root = Path(p.parse_args().root)
+    p.add_argument("--update", type=Path, metavar="DOC",
+                   help="write the tables into DOC between <!-- report: NAME --> and <!-- /report --> markers")
+    args = p.parse_args()
+    root = args.root if isinstance(args.root, Path) else Path(args.root)
     folders = [("configs/scaled", root)] + [(f"configs/scaled_search/{d.name}", d)
                                            for d in sorted((root / "search").iterdir()) if d.is_dir()]
+    tables = {}
     for name, folder in folders:
         timing_file = folder / "sweep_timing.json"
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         if (folder / "results").is_dir():
-            print(f"### {name}\n\n{candidate_table(folder / 'results', timing)}\n")
+            tables[name] = candidate_table(folder / "results", timing)
+    if args.update is not None:
+        print(f"{args.update}: updated {', '.join(update_document(args.update, tables)) or 'nothing'}")
+        return
+    for name, table in tables.items():
+        print(f"### {name}\n\n{table}\n")
 
 
 if __name__ == "__main__":
