@@ -494,3 +494,19 @@ def test_sigterm_stops_cleanly_with_130_and_the_rerun_is_bit_identical(runs, tmp
     out = _finish(tmp_path / "run", tmp_path / "second.log")
     assert f"resuming after epoch {done}" in out, out
     assert_identical_runs(ref, exp, cfg)
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_in_one_line(tmp_path, monkeypatch):
+    from lop_jax import checkpoint
+    from lop_jax.checkpoint import Checkpointer, CheckpointMismatch
+
+    state, arrays, running = {"p": jax.numpy.arange(6.0)}, {"acc": np.zeros(2, np.float32)}, np.zeros(2, np.float32)
+    ckpt = Checkpointer(tmp_path, 0, _tiny_cfg())
+    monkeypatch.setattr(checkpoint, "FORMAT", 1)
+    ckpt.save(2, state, arrays, running, 0)
+    ckpt.wait()
+    monkeypatch.undo()
+    with pytest.raises(CheckpointMismatch, match="format 1 of an earlier lop-jax") as err:
+        ckpt.latest(state, arrays, running, print)
+    ckpt.close()
+    assert "\n" not in str(err.value) and (tmp_path / "checkpoints" / "index-0" / "2").is_dir()
