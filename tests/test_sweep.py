@@ -130,3 +130,36 @@ def test_cli_with_a_system_subset_still_draws_every_exported_system(tmp_path, ca
                  "--export-dir", str(export)]) == 0
     table = (export / "figures" / "summary_table.txt").read_text()
     assert "base_deep_learning_system" in table and "retrained_network" in table
+
+
+def _report_script():
+    import importlib.util
+
+    path = REPO_ROOT / "scripts" / "scaled_search_report.py"
+    spec = importlib.util.spec_from_file_location("scaled_search_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_markers_are_replaced_and_unknown_ones_left_alone(tmp_path):
+    report = _report_script()
+    doc = tmp_path / "doc.md"
+    tail = "b\n<!-- report: y -->\nkeep\n<!-- /report -->\n"
+    doc.write_text("a\n<!-- report: x -->\nold\n<!-- /report -->\n" + tail)
+    assert report.update_document(doc, {"x": "| new |"}) == ["x"]
+    assert doc.read_text() == "a\n<!-- report: x -->\n| new |\n<!-- /report -->\n" + tail
+
+
+def test_the_committed_report_tables_are_the_ones_the_committed_arrays_give(tmp_path, monkeypatch):
+    """docs/scaled_protocol.md's tables are printed from the committed arrays, never edited by hand:
+    regenerating them changes nothing."""
+    report = _report_script()
+    doc = tmp_path / "scaled_protocol.md"
+    committed = (REPO_ROOT / "docs" / "scaled_protocol.md").read_text()
+    doc.write_text(committed)
+    monkeypatch.setattr("sys.argv", ["report", "--root", str(REPO_ROOT / "docs" / "scaled_protocol"),
+                                     "--update", str(doc)])
+    report.main()
+    assert committed.count("<!-- report: ") >= 4
+    assert doc.read_text() == committed
