@@ -19,9 +19,20 @@ task i+1), and ``accuracy_per_class_in_order`` of length K (every class of the r
 Effective and stable rank are stored as raw numbers, dormant units as a proportion, exactly as
 the reference stores them; the plots convert them to percentages.
 
-Differences from the reference, on purpose: the 1,000-image batches are drawn from JAX keys
-derived from the run index (reproducible), and the number of classes, tasks and images per class
-come from the run's config (the reference hard-codes 20 tasks of 5 classes).
+The images are those of the reference, whatever the run's own split: each feature batch is ONE
+batch of up to 1,000 images drawn at random, without replacement and without augmentation, from
+the FULL training split of the run's data source (``lop_jax.data.load_full_split``: 500 images per
+class for the real CIFAR-100, validation images included) restricted to the classes concerned;
+"next task" = the classes of task i+1, "previous tasks" = every class seen before it. So at the
+scaled protocol (10 validation + 36 training images per class) the next-task batch still holds
+1,000 images of its 5 classes. The per-class accuracy uses the full test split (100 per class),
+not the run's ``test_images_per_class``. A source with fewer images (the embedded subset: 60
+training images per class) gives smaller batches: all it has, and ``analyze_experiment`` logs a
+line naming the batch sizes.
+
+Differences from the reference, on purpose: the batches are drawn from JAX keys derived from the
+run index (reproducible), and the number of classes and tasks come from the run's config (the
+reference hard-codes 20 tasks of 5 classes).
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ ANALYSIS_METRICS = (
 BN_MODES = ("train", "eval")
 FEATURE_BATCH = 1000
 TEST_BATCH = 1000
+REFERENCE_TEST_PER_CLASS = 100  # the reference's per-class accuracy uses the whole test split
 STABLE_RANK_THRESHOLD = 0.99
 ANALYSIS_KEY_SALT = 0x4C4F5041  # separates the analysis' random stream from the training run's
 ROLE_NEXT, ROLE_PREVIOUS, ROLE_TEST = 0, 1, 2
@@ -356,11 +368,12 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
                 on_snapshot: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
     """SPEC §9's metrics for every task-boundary snapshot of one run (nothing is written).
 
-    ``pool`` is the full training split grouped by class [K, val+train, 32, 32, 3]; ``test`` the
-    test split [K, n_test, 32, 32, 3]. Snapshot i (epoch i·epochs_per_task, i < num_tasks) gives
-    entry i; "previous tasks" entries are 0 for i = 0, as in the reference. The per-class accuracy
-    of the final network predicts among the run's classes (class_order[:num_classes]): at the
-    paper's scale these are all 100 outputs, i.e. the reference's unmasked prediction.
+    ``pool`` is the source's full training split grouped by class [K, n, 32, 32, 3] (validation
+    images included); ``test`` its full test split [K, n_test, 32, 32, 3]. Snapshot i (epoch
+    i·epochs_per_task, i < num_tasks) gives entry i; "previous tasks" entries are 0 for i = 0, as
+    in the reference. The per-class accuracy of the final network predicts among the run's
+    classes (class_order[:num_classes]): at the paper's scale these are all 100 outputs, i.e. the
+    reference's unmasked prediction.
     """
     _check_bn_mode(bn_mode)
     exp_dir = Path(exp_dir)
@@ -397,16 +410,55 @@ def save_analysis(exp_dir: str | Path, index: int, results: dict[str, np.ndarray
         save_npy(metric_path(Path(exp_dir), name, index), results[name])
 
 
+def batch_sizes(cfg: Config, per_class: int, size: int = FEATURE_BATCH) -> dict[str, list[int]]:
+    """Images per feature batch, per snapshot i < num_tasks, when the source has ``per_class``
+    training images of each class: min(size, available) for "next_task" and "previous_tasks"
+    (0 at i = 0, which has no previous task)."""
+    cpt = cfg.classes_per_task
+    return {"next_task": [min(size, cpt * per_class)] * cfg.num_tasks,
+            "previous_tasks": [min(size, i * cpt * per_class) for i in range(cfg.num_tasks)]}
+
+
+def small_batch_note(cfg: Config, per_class: int, per_class_test: int, source: str) -> str | None:
+    """One line saying which batches hold fewer than the reference's 1,000 images (and a test split
+    smaller than 100 per class), or None when the source gives the reference's sizes."""
+    sizes = batch_sizes(cfg, per_class)
+    short = []
+    if sizes["next_task"] and sizes["next_task"][0] < FEATURE_BATCH:
+        short.append(f"next task {sizes['next_task'][0]}")
+    prev = sorted({n for n in sizes["previous_tasks"][1:] if n < FEATURE_BATCH})
+    if prev:
+        short.append(f"previous tasks {', '.join(map(str, prev))}")
+    if not short and per_class_test >= REFERENCE_TEST_PER_CLASS:
+        return None
+    note = f"analysis: {source} has {per_class} training and {per_class_test} test images per class"
+    if short:
+        note += f"; images per batch: {'; '.join(short)} (the reference draws {FEATURE_BATCH:,})"
+    if per_class_test < REFERENCE_TEST_PER_CLASS:
+        note += f"; per-class test accuracy over {per_class_test} images (the reference: {REFERENCE_TEST_PER_CLASS})"
+    return note
+
+
+def _full_split(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) of a full-split object; a run's split (with ``val``) is refused, not mixed up."""
+    if hasattr(data, "val"):
+        raise AnalysisError("data= must be the source's full split (lop_jax.data.load_full_split), "
+                            "not a run's train/val/test split")
+    return np.asarray(data.train), np.asarray(data.test)
+
+
 def analyze_experiment(exp_dir: str | Path, data_dir: str | Path | None = None, threshold: float = 0.01,
                        bn_mode: str = "train", progress: bool = True, data: Any = None,
                        indices: Sequence[int] | None = None,
                        log: Callable[[str], None] | None = None) -> dict[int, dict[str, np.ndarray]]:
     """Analyse every finished run of ``exp_dir`` and write the reference's metric files.
 
-    ``data`` (a ``CifarData``-like object with ``train``, ``val``, ``test``) skips loading the
-    data set; otherwise it is loaded as the run's config says, from ``data_dir`` if given.
-    ``indices`` restricts the analysis to those runs. Unfinished runs are skipped with a message.
-    Returns the arrays written, per run index.
+    The images come from the full split of the run's data source (see the module docstring):
+    ``data`` (a ``lop_jax.data.FullSplit``-like object with ``train`` and ``test``, every image of
+    each class) skips loading it; otherwise it is loaded as the run's config says, from
+    ``data_dir`` if given. When the source has fewer images than the reference's batches, a line
+    names the batch sizes. ``indices`` restricts the analysis to those runs. Unfinished runs are
+    skipped with a message. Returns the arrays written, per run index.
     """
     _check_bn_mode(bn_mode)
     if not 0.0 <= threshold <= 1.0:
@@ -430,13 +482,15 @@ def analyze_experiment(exp_dir: str | Path, data_dir: str | Path | None = None, 
     if not finished:
         return {}
     if data is None:
-        from lop_jax.data import load_data
+        from lop_jax.data import load_full_split
 
         if data_dir is not None:
             cfg = dataclasses.replace(cfg, data_path=str(data_dir))
-        data = load_data(cfg)
-    pool = np.concatenate([np.asarray(data.val), np.asarray(data.train)], axis=1)
-    test = np.asarray(data.test)
+        data = load_full_split(cfg)
+    pool, test = _full_split(data)
+    note = small_batch_note(cfg, pool.shape[1], test.shape[1], getattr(data, "source", "the data given"))
+    if note:
+        say(note)
     for index in finished:
         _check_inputs(exp_dir, cfg, index, pool.shape[0])
     results = {}

@@ -14,6 +14,11 @@ Sources, chosen by the config key ``data_source``:
 Whatever the source, images come out grouped by fine label: ``CifarData.train[k]`` holds the
 training images of class k in the data set's own order, after the first ``val_images_per_class``
 of that class were taken out for validation.
+
+``load_full_split`` gives the same source unsplit (``FullSplit``: every training image and every
+test image of each class, 500 and 100 per class for the real CIFAR-100, whatever a run's sizes).
+The post-run analysis draws from it, as the reference does (SPEC §9); ``split_for_run`` cuts a
+run's ``CifarData`` out of it, so that a sweep reads the data set once.
 """
 
 from __future__ import annotations
@@ -51,6 +56,24 @@ class CifarData:
 
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray
+    names: tuple[str, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train.shape[0])
+
+
+@dataclass(frozen=True)
+class FullSplit:
+    """A source's whole training and test splits grouped by class: uint8 [K, n, 32, 32, 3].
+
+    No validation images are taken out: ``train[k]`` is every training image of class k (500 for
+    the real CIFAR-100, fewer for the embedded subset), ``test[k]`` every test image (100).
+    """
+
+    train: np.ndarray
     test: np.ndarray
     names: tuple[str, ...]
     source: str
@@ -192,30 +215,43 @@ def _load_embedded() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         return z["train"], z["test"], tuple(str(n) for n in z["names"])
 
 
-def load_data(cfg: Config) -> CifarData:
-    """Load the data set named by the config and split it per SPEC §1 at the config's sizes."""
-    n_val, n_train, n_test = cfg.val_images_per_class, cfg.train_images_per_class, cfg.test_images_per_class
+def load_full_split(cfg: Config) -> FullSplit:
+    """Every training and test image of the source the config names (``data_source``, ``data_path``),
+    grouped by class; the config's per-class sizes play no part."""
     if cfg.data_source == "embedded":
         train_all, test_all, names = _load_embedded()
-        source = f"embedded subset ({len(names)} classes)"
+        return FullSplit(train=train_all, test=test_all, names=names,
+                         source=f"embedded subset ({len(names)} classes)")
+    if cfg.data_source == "tfds":
+        tx, ty, sx, sy, names = _read_tfds(cfg.data_path)
+        source = "tensorflow-datasets cifar100"
     else:
-        if cfg.data_source == "tfds":
-            tx, ty, sx, sy, names = _read_tfds(cfg.data_path)
-            source = "tensorflow-datasets cifar100"
-        else:
-            location = find_local_copy(cfg.data_path) or download_archive(cfg.data_path)
-            tx, ty, sx, sy, names = read_python_version(location)
-            source = f"CIFAR-100 python version at {location}"
-        train_all = group_by_class(np.asarray(tx, np.uint8), np.asarray(ty), len(names), 500)
-        test_all = group_by_class(np.asarray(sx, np.uint8), np.asarray(sy), len(names), 100)
-    k = train_all.shape[0]
+        location = find_local_copy(cfg.data_path) or download_archive(cfg.data_path)
+        tx, ty, sx, sy, names = read_python_version(location)
+        source = f"CIFAR-100 python version at {location}"
+    return FullSplit(train=group_by_class(np.asarray(tx, np.uint8), np.asarray(ty), len(names), 500),
+                     test=group_by_class(np.asarray(sx, np.uint8), np.asarray(sy), len(names), 100),
+                     names=names, source=source)
+
+
+def split_for_run(full: FullSplit, cfg: Config) -> CifarData:
+    """The run's split (SPEC §1) at the config's sizes: per class, the first ``val_images_per_class``
+    training images for validation, the next ``train_images_per_class`` for training, and the first
+    ``test_images_per_class`` test images."""
+    n_val, n_train, n_test = cfg.val_images_per_class, cfg.train_images_per_class, cfg.test_images_per_class
+    k, source = full.num_classes, full.source
     if cfg.num_classes > k:
         raise DataError(f"config key 'num_tasks': the run needs {cfg.num_classes} classes but {source} has {k}")
-    if n_val + n_train > train_all.shape[1]:
-        raise DataError(f"config key 'train_images_per_class': {source} has {train_all.shape[1]} training "
+    if n_val + n_train > full.train.shape[1]:
+        raise DataError(f"config key 'train_images_per_class': {source} has {full.train.shape[1]} training "
                         f"images per class, {n_val} + {n_train} are asked for")
-    if n_test > test_all.shape[1]:
-        raise DataError(f"config key 'test_images_per_class': {source} has {test_all.shape[1]} test "
+    if n_test > full.test.shape[1]:
+        raise DataError(f"config key 'test_images_per_class': {source} has {full.test.shape[1]} test "
                         f"images per class, {n_test} are asked for")
-    return CifarData(train=train_all[:, n_val:n_val + n_train], val=train_all[:, :n_val],
-                     test=test_all[:, :n_test], names=names, source=source)
+    return CifarData(train=full.train[:, n_val:n_val + n_train], val=full.train[:, :n_val],
+                     test=full.test[:, :n_test], names=full.names, source=source)
+
+
+def load_data(cfg: Config) -> CifarData:
+    """Load the data set named by the config and split it per SPEC §1 at the config's sizes."""
+    return split_for_run(load_full_split(cfg), cfg)

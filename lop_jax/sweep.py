@@ -81,19 +81,24 @@ def check_export_config(cfg: Config, export_dir: Path) -> None:
 
 def run_sweep(configs: Sequence[Config], seeds: Sequence[int], results_dir: str | Path, export_dir: str | Path,
               data: Any = None, seeds_together: bool = False, log: Callable[[str], None] = print,
-              verbose: bool = False, progress: bool = True) -> dict[str, Any]:
+              verbose: bool = False, progress: bool = True, analysis_data: Any = None) -> dict[str, Any]:
     """Run, analyse and export every (system, seed) not yet in the exported copy; returns the timings.
 
     A run found finished in ``results_dir`` is only analysed and exported. Each run is exported as
     soon as it is analysed, so the exported copy (small enough to commit) is the sweep's lasting
     state: a sweep continued on another machine skips what it holds. ``seeds_together`` vmaps the
-    seeds of a system in one process (each run is then charged its share of the wall time)."""
-    from lop_jax.data import load_data
+    seeds of a system in one process (each run is then charged its share of the wall time).
+
+    The runs train on ``data`` (a run's ``CifarData``) or, if None, on the split the config asks
+    for; the analysis always draws from the source's full split (``analysis_data``, a
+    ``FullSplit``, or if None loaded once per data source), as the reference's analysis does."""
+    from lop_jax.data import load_full_split, split_for_run
     from lop_jax.experiment import run_experiments
 
     results_dir, export_dir = Path(results_dir), Path(export_dir)
     configs = [dataclasses.replace(c, results_dir=str(results_dir)) for c in configs]
     timing = _read_timing(export_dir)
+    full_cache: dict[tuple, Any] = {}
     data_cache: dict[tuple, Any] = {}
     groups = [list(seeds)] if seeds_together else [[s] for s in seeds]
     for group in groups:
@@ -103,10 +108,13 @@ def run_sweep(configs: Sequence[Config], seeds: Sequence[int], results_dir: str 
             todo = [i for i in group if not _exported(export_dir, name, i)]
             if not todo:
                 continue
-            key = (cfg.data_source, cfg.data_path, cfg.train_images_per_class, cfg.val_images_per_class,
-                   cfg.test_images_per_class)
+            source = (cfg.data_source, cfg.data_path)
+            if analysis_data is None and source not in full_cache:
+                full_cache[source] = load_full_split(cfg)
+            full = analysis_data if analysis_data is not None else full_cache[source]
+            key = source + (cfg.train_images_per_class, cfg.val_images_per_class, cfg.test_images_per_class)
             if data is None and key not in data_cache:
-                data_cache[key] = load_data(cfg)
+                data_cache[key] = split_for_run(full, cfg)
             run_data = data if data is not None else data_cache[key]
             to_run = [i for i in todo if not _finished(exp_dir, i)]
             if to_run:
@@ -124,14 +132,16 @@ def run_sweep(configs: Sequence[Config], seeds: Sequence[int], results_dir: str 
                         entry["seeds_together"] = len(to_run)
                     export_dir.mkdir(parents=True, exist_ok=True)
                     save_json(export_dir / TIMING_FILE, timing)
-            analyze_runs(exp_dir, todo, run_data, log=log, progress=progress)
+            analyze_runs(exp_dir, todo, full, log=log, progress=progress)
             export_results(results_dir, [name], export_dir, todo)
     return timing
 
 
-def analyze_runs(exp_dir: Path, indices: Sequence[int], data: Any, log: Callable[[str], None] = print,
+def analyze_runs(exp_dir: Path, indices: Sequence[int], data: Any = None, log: Callable[[str], None] = print,
                  progress: bool = True) -> list[int]:
-    """Analyse (SPEC §9) the runs among ``indices`` that have no analysis yet; returns those done."""
+    """Analyse (SPEC §9) the runs among ``indices`` that have no analysis yet; returns those done.
+
+    ``data`` is the source's full split (``lop_jax.data.FullSplit``), or None to load it."""
     from lop_jax.analysis import ANALYSIS_METRICS, analyze_experiment
     from lop_jax.results import metric_path
 

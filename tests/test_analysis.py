@@ -15,12 +15,14 @@ from experiments import analyze as analyze_cli
 from lop_jax import analysis as A
 from lop_jax.augment import normalize
 from lop_jax.config import make_config
+from lop_jax.data import FullSplit, load_data
 from lop_jax.model import ResNet18
 from lop_jax.results import load_snapshot, save_snapshot, save_status, snapshot_path
 
 WIDTH = 2
 NUM_TASKS, CPT, EPOCHS_PER_TASK = 2, 2, 1
 N_TRAIN, N_VAL, N_TEST, K = 6, 2, 3, 5
+N_FULL = 8  # training images per class of the fake source's full split (the analysis draws from all of them)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,13 +127,14 @@ def _config() -> dict:
     }).to_dict()
 
 
-def _fake_data() -> SimpleNamespace:
+def _fake_data() -> FullSplit:
+    """A fake source's full split (no validation images taken out): what the analysis draws from."""
     rng = np.random.default_rng(0)
 
     def images(n: int) -> np.ndarray:
         return rng.integers(0, 256, (K, n, 32, 32, 3), dtype=np.uint8)
 
-    return SimpleNamespace(train=images(N_TRAIN), val=images(N_VAL), test=images(N_TEST))
+    return FullSplit(train=images(N_FULL), test=images(N_TEST), names=tuple(map(str, range(K))), source="fake")
 
 
 def _random_network(seed: int) -> tuple[dict, dict]:
@@ -153,15 +156,15 @@ def _apply(params, batch_stats, images, train: bool):
     return out[0] if train else out
 
 
-def _write_run(exp_dir, index: int, finished: bool) -> None:
-    order = np.random.default_rng(100 + index).permutation(K)
+def _write_run(exp_dir, index: int, finished: bool, num_classes: int = K, num_tasks: int = NUM_TASKS) -> None:
+    order = np.random.default_rng(100 + index).permutation(num_classes)
     (exp_dir / "class_order").mkdir(parents=True, exist_ok=True)
     np.save(exp_dir / "class_order" / f"index-{index}.npy", order)
-    num_epochs = NUM_TASKS * EPOCHS_PER_TASK
+    num_epochs = num_tasks * EPOCHS_PER_TASK
     save_status(exp_dir, index, num_epochs if finished else 1, finished)
     if not finished:
         return
-    for t in range(NUM_TASKS + 1):
+    for t in range(num_tasks + 1):
         params, bs = _random_network(10 * index + t)
         save_snapshot(exp_dir, index, t * EPOCHS_PER_TASK, params, bs)
 
@@ -215,10 +218,9 @@ def test_analysis_matches_an_independent_forward_pass(tiny_experiment):
     exp_dir, data = tiny_experiment.exp_dir, tiny_experiment.data
     index = 1
     order = np.load(exp_dir / "class_order" / f"index-{index}.npy")
-    pool = np.concatenate([data.val, data.train], axis=1)
     params, bs = load_snapshot(exp_dir, index, EPOCHS_PER_TASK)
-    images = A.sample_batch(pool, order[:CPT], A.analysis_key(index, 1, A.ROLE_PREVIOUS))
-    assert images.shape == (CPT * (N_TRAIN + N_VAL), 32, 32, 3)  # fewer than 1,000 available: all of them
+    images = A.sample_batch(data.train, order[:CPT], A.analysis_key(index, 1, A.ROLE_PREVIOUS))
+    assert images.shape == (CPT * N_FULL, 32, 32, 3)  # fewer than 1,000 available: all of them
     _, feats = _apply(params, bs, images, train=True)
     assert len(feats) == 17
     written = tiny_experiment.results[index]
@@ -293,3 +295,127 @@ def test_cli_analyses_with_the_configured_data_and_reports_errors(tiny_experimen
     assert err.startswith("error:") and "nowhere" in err and "\n" not in err
     assert analyze_cli.main(["--results-dir", str(exp_dir), "--dormant-unit-threshold", "2"]) == 2
     assert "threshold" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the images the analysis draws: the source's full split, as the reference (SPEC §9)
+# ---------------------------------------------------------------------------------------------
+def _experiment_of(tmp_path, num_classes: int, **keys) -> tuple:
+    """An experiment folder with one finished run (random snapshots) of 2 tasks of 5 classes."""
+    cfg = make_config({**_config(), "classes_per_task": 5, "train_batch_size": 5, **keys})
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    (exp_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    _write_run(exp_dir, 0, True, num_classes=num_classes, num_tasks=cfg.num_tasks)
+    return cfg, exp_dir, np.load(exp_dir / "class_order" / "index-0.npy")
+
+
+def _record_batches(monkeypatch) -> dict:
+    """Replace the forward passes by recorders of what they are given (no compile, no compute)."""
+    seen: dict = {"batches": [], "test": []}
+
+    def metrics(params, batch_stats, images, width, threshold=0.01, bn_mode="train"):
+        seen["batches"].append(np.asarray(images))
+        return {"dormant": 0.0, "effective_rank": 1.0, "stable_rank": 1.0}
+
+    def accuracy(params, batch_stats, test, class_order, key, width, bn_mode="train", **kwargs):
+        seen["test"].append(np.asarray(test))
+        return np.zeros(len(class_order), np.float32)
+
+    monkeypatch.setattr(A, "representation_metrics", metrics)
+    monkeypatch.setattr(A, "class_accuracy_on_test", accuracy)
+    return seen
+
+
+def _tagged_full_split(num_classes: int, per_class: int, per_class_test: int) -> FullSplit:
+    """Images whose first pixels say (class, position in the class), so a drawn image is traceable."""
+    def images(n: int) -> np.ndarray:
+        x = np.zeros((num_classes, n, 32, 32, 3), np.uint8)
+        x[..., 0, 0, 0] = np.arange(num_classes)[:, None]
+        x[..., 0, 0, 1], x[..., 0, 0, 2] = np.divmod(np.arange(n), 256)
+        return x
+
+    return FullSplit(train=images(per_class), test=images(per_class_test), names=tuple(map(str, range(num_classes))),
+                     source="tagged")
+
+
+def _tags(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class, position in the class) of tagged images."""
+    px = images[:, 0, 0].astype(np.int64)
+    return px[:, 0], px[:, 1] * 256 + px[:, 2]
+
+
+def test_batches_hold_1000_images_of_the_full_training_split_whatever_the_runs_own_split(tmp_path, monkeypatch):
+    """The scaled protocol's own split (10 validation + 36 training images per class, 20 test) would
+    give 230 images for a task of 5 classes; the analysis loads the full split (500 per class) and
+    draws 1,000, from anywhere in it, and evaluates the per-class accuracy on all 100 test images."""
+    cfg, exp_dir, order = _experiment_of(tmp_path, 10, data_source="cifar100", data_path="nowhere",
+                                         train_images_per_class=36, val_images_per_class=10,
+                                         test_images_per_class=20)
+    full = _tagged_full_split(10, 500, 100)
+    asked = []
+    monkeypatch.setattr("lop_jax.data.load_full_split", lambda c: asked.append(c) or full)
+    seen = _record_batches(monkeypatch)
+    messages: list[str] = []
+    A.analyze_experiment(exp_dir, progress=False, log=messages.append)
+    assert [c.data_source for c in asked] == ["cifar100"]
+    next0, next1, previous1 = seen["batches"]  # snapshot 0: next task; snapshot 1: next, previous tasks
+    for batch, classes in ((next0, order[:5]), (next1, order[5:10]), (previous1, order[:5])):
+        assert batch.shape == (1000, 32, 32, 3)
+        label, position = _tags(batch)
+        assert set(label) <= set(classes)
+        assert len(set(zip(label, position, strict=True))) == 1000  # without replacement
+        assert position.max() >= 46  # images beyond the run's own validation + training slice
+        assert np.mean(position >= 46) > 0.8  # 454 of every 500 candidates lie there
+    assert seen["test"][0].shape[1] == 100
+    assert not messages  # the reference's sizes: nothing to say
+    # the same run index draws the same batches again
+    again = _record_batches(monkeypatch)
+    A.analyze_experiment(exp_dir, data=full, progress=False, log=messages.append)
+    for a, b in zip(seen["batches"], again["batches"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_real_cifar100_gives_batches_of_its_500_images_per_class(tmp_path, monkeypatch, real_data_dir):
+    """With data=None the real data set is read in full: batches of 1,000 real training images of the
+    task's classes, most of them outside the run's own (10 + 36 per class) slice."""
+    cfg, exp_dir, order = _experiment_of(tmp_path, 100, data_source="cifar100", data_path="nowhere", num_tasks=2,
+                                         train_images_per_class=36, val_images_per_class=10,
+                                         test_images_per_class=20)
+    seen = _record_batches(monkeypatch)
+    A.analyze_experiment(exp_dir, data_dir=real_data_dir.parent, progress=False, log=lambda m: None)
+    own = load_data(make_config({**cfg.to_dict(), "data_path": str(real_data_dir.parent)}))
+    assert own.train.shape[1] + own.val.shape[1] == 46
+    batch = seen["batches"][0]
+    assert batch.shape == (1000, 32, 32, 3)
+    classes = order[:5]
+    own_images = {im.tobytes() for k in classes for im in np.concatenate([own.val[k], own.train[k]])}
+    from lop_jax.data import load_full_split
+
+    full = load_full_split(make_config({**cfg.to_dict(), "data_path": str(real_data_dir.parent)}))
+    candidates = {im.tobytes() for k in classes for im in full.train[k]}
+    drawn = [im.tobytes() for im in batch]
+    assert set(drawn) <= candidates and len(candidates) == 2500
+    assert sum(d not in own_images for d in drawn) > 800
+    assert seen["test"][0].shape == (100, 100, 32, 32, 3)
+
+
+def test_the_embedded_subset_gives_what_it_has_and_the_analysis_says_so(tmp_path, monkeypatch):
+    """60 training images per class: batches of 300 images for a task of 5 classes, and a logged line
+    naming that size (and the 20 test images per class)."""
+    _, exp_dir, order = _experiment_of(tmp_path, 20, data_source="embedded")
+    seen = _record_batches(monkeypatch)
+    messages: list[str] = []
+    A.analyze_experiment(exp_dir, progress=False, log=messages.append)
+    assert [b.shape[0] for b in seen["batches"]] == [300, 300, 300]
+    assert seen["test"][0].shape[1] == 20
+    note = [m for m in messages if "images per batch" in m]
+    assert len(note) == 1 and "next task 300" in note[0] and "previous tasks 300" in note[0] and "1,000" in note[0]
+    assert "20 test" in note[0]
+
+
+def test_a_runs_own_split_is_refused_as_analysis_data(tiny_experiment):
+    data = tiny_experiment.data
+    own = SimpleNamespace(train=data.train, val=data.train, test=data.test)
+    with pytest.raises(A.AnalysisError, match="full split"):
+        A.analyze_experiment(tiny_experiment.exp_dir, data=own, progress=False, log=lambda m: None)

@@ -1,6 +1,7 @@
 """The scaled protocol's configs and the sweep driver (run → analyse → export → draw, resumable)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +108,35 @@ def test_sweep_runs_analyses_exports_draws_and_then_skips_what_is_exported(tmp_p
     changed = [dataclasses.replace(c, epochs_per_task=3) for c in configs]
     with pytest.raises(ConfigError, match="exported runs .* another config .*epochs_per_task"):
         run_sweep(changed, [0], results, export, data=data, progress=False, log=lambda m: None)
+
+
+def test_the_sweeps_analysis_draws_from_the_full_split_loaded_once_per_source(tmp_path, monkeypatch):
+    """The runs train on their own split; the analysis gets the source's full split (the embedded
+    subset: 60 training images per class, not the smoke config's 10 + 20), read once for both systems."""
+    import lop_jax.data as data_module
+    import lop_jax.experiment as experiment_module
+    import lop_jax.sweep as sweep_module
+    from lop_jax.results import save_status
+
+    folder, systems = _tiny_configs(tmp_path)
+    configs = load_system_configs(folder, systems, {})
+    loads, trained_on, analysed_on = [], [], []
+    real_load = data_module.load_full_split
+    monkeypatch.setattr(data_module, "load_full_split", lambda c: loads.append(c) or real_load(c))
+
+    def fake_runs(cfg, indices, data=None, **kwargs):
+        trained_on.append(data)
+        for i in indices:
+            save_status(Path(cfg.results_dir) / cfg.experiment_name, i, cfg.num_epochs, True)
+
+    monkeypatch.setattr(experiment_module, "run_experiments", fake_runs)
+    monkeypatch.setattr(sweep_module, "analyze_runs", lambda exp_dir, todo, data, **kw: analysed_on.append(data))
+    monkeypatch.setattr(sweep_module, "export_results", lambda *a, **kw: [])
+    run_sweep(configs, [0], tmp_path / "r", tmp_path / "e", progress=False, log=lambda m: None)
+    assert len(loads) == 1 and len(trained_on) == len(analysed_on) == 2
+    assert all(d.train.shape[1] == 20 and d.val.shape[1] == 10 for d in trained_on)
+    assert all(isinstance(d, data_module.FullSplit) and d.train.shape[1] == 60 and d.test.shape[1] == 20
+               for d in analysed_on)
 
 
 def test_cli_skip_runs_redraws_from_the_export_and_bad_system_is_one_line(tmp_path, capsys):
