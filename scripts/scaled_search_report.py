@@ -8,6 +8,10 @@ the paper plots), the base system's dormant units and stable rank on the next ta
 its average weight magnitude, and the wall time of each run from ``sweep_timing.json``. Where a
 system has several run indices, each cell is the mean ± standard error over them, and the
 accuracy difference to the retrained network is taken seed by seed (same class order).
+
+``--update DOC`` regenerates every ``<!-- report: NAME -->`` … ``<!-- /report -->`` block of DOC
+and refuses (one line on stderr, exit 2, DOC untouched) when a marker names a folder without
+result arrays: a table in the document must always be one the committed arrays give.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,40 +89,78 @@ def candidate_table(results: Path, timing: dict) -> str:
     return "\n".join(rows) + (f"\n\nWall time per run: {walls}." if walls else "")
 
 
+MARKER = re.compile(r"<!-- report: (.+?) -->")
+
+
+class MissingArrays(ValueError):
+    """A report marker of the document names a folder that has no result arrays."""
+
+
+def document_markers(text: str) -> list[str]:
+    """The NAMEs of the ``<!-- report: NAME -->`` markers of a document, in order."""
+    return MARKER.findall(text)
+
+
+def has_arrays(results: Path) -> bool:
+    """Whether a results folder holds at least one system with a config and test-accuracy arrays."""
+    return any((results / s / "config.json").is_file() and _indices(results / s) for s in SYSTEMS)
+
+
 def update_document(doc: Path, tables: dict[str, str]) -> list[str]:
     """Replace the text between ``<!-- report: NAME -->`` and ``<!-- /report -->`` with the table of
-    NAME; returns the names replaced (a marker naming no table is left as it is)."""
-    text, done = doc.read_text(), []
-    for name, table in tables.items():
+    NAME; returns the names replaced, in the document's order. A marker naming no table (its folder
+    has no arrays) raises ``MissingArrays`` and the document is left as it was."""
+    text = doc.read_text()
+    names = document_markers(text)
+    missing = [n for n in names if n not in tables]
+    if missing:
+        raise MissingArrays(f"{doc}: marker '<!-- report: {missing[0]} -->' has no result arrays behind it "
+                            "(its folder under --root holds no exported run); export the runs or remove the marker")
+    for name in dict.fromkeys(names):
         pattern = re.compile(rf"(<!-- report: {re.escape(name)} -->\n).*?(<!-- /report -->)", re.S)
-        text, n = pattern.subn(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
-        if n:
-            done.append(name)
+        text, n = pattern.subn(lambda m, t=tables[name]: m.group(1) + t + "\n" + m.group(2), text)
+        if not n:
+            raise MissingArrays(f"{doc}: marker '<!-- report: {name} -->' has no closing <!-- /report -->")
     doc.write_text(text)
-    return done
+    return names
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="docs/scaled_protocol")
-    p.add_argument("--update", type=Path, metavar="DOC",
-                   help="write the tables into DOC between <!-- report: NAME --> and <!-- /report --> markers")
-    args = p.parse_args()
-    root = args.root if isinstance(args.root, Path) else Path(args.root)
+def collect_tables(root: Path) -> dict[str, str]:
+    """The table of the chosen protocol (named ``configs/scaled``) and of every search candidate
+    (``configs/scaled_search/<name>``) whose folder holds result arrays."""
+    search = root / "search"
     folders = [("configs/scaled", root)] + [(f"configs/scaled_search/{d.name}", d)
-                                           for d in sorted((root / "search").iterdir()) if d.is_dir()]
+                                           for d in (sorted(search.iterdir()) if search.is_dir() else [])
+                                           if d.is_dir()]
     tables = {}
     for name, folder in folders:
         timing_file = folder / "sweep_timing.json"
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-        if (folder / "results").is_dir():
+        if has_arrays(folder / "results"):
             tables[name] = candidate_table(folder / "results", timing)
+    return tables
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the tables, or write them into the document's markers; 2 on a marker without arrays."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("docs/scaled_protocol"))
+    p.add_argument("--update", type=Path, metavar="DOC",
+                   help="write the tables into DOC between <!-- report: NAME --> and <!-- /report --> markers")
+    args = p.parse_args(argv)
+    tables = collect_tables(args.root)
     if args.update is not None:
-        print(f"{args.update}: updated {', '.join(update_document(args.update, tables)) or 'nothing'}")
-        return
+        try:
+            done = update_document(args.update, tables)
+        except MissingArrays as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"{args.update}: updated {', '.join(done) or 'nothing (no report marker)'}")
+        return 0
     for name, table in tables.items():
         print(f"### {name}\n\n{table}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

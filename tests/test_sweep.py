@@ -82,6 +82,11 @@ def test_sweep_runs_analyses_exports_draws_and_then_skips_what_is_exported(tmp_p
         for m in ANALYSIS_METRICS + ("test_accuracy_per_epoch", "class_order"):
             np.testing.assert_array_equal(np.load(dest / m / "index-0.npy"), np.load(results / s / m / "index-0.npy"))
         assert not (dest / "checkpoints").exists() and not (dest / "model_parameters").exists()
+    assert (results / systems[0] / "model_parameters").is_dir()  # the run had weights to leave out
+    # the export holds small arrays and JSON only: no weights, no checkpoints, nothing git ignores
+    exported = [f for f in (export / "results").rglob("*") if f.is_file()]
+    assert exported and all(f.suffix in (".npy", ".json") for f in exported)
+    assert not any(part in {"checkpoints", "model_parameters", "previous_runs"} for f in exported for part in f.parts)
 
     written = draw_sweep(export / "results", systems, export / "figures", log=lambda m: None)
     names = {p.name for p in written}
@@ -108,6 +113,26 @@ def test_sweep_runs_analyses_exports_draws_and_then_skips_what_is_exported(tmp_p
     changed = [dataclasses.replace(c, epochs_per_task=3) for c in configs]
     with pytest.raises(ConfigError, match="exported runs .* another config .*epochs_per_task"):
         run_sweep(changed, [0], results, export, data=data, progress=False, log=lambda m: None)
+
+
+def test_exported_arrays_under_docs_are_committable_and_runs_and_weights_are_ignored():
+    """.gitignore ignores the top-level run folder, not every folder named results (issue 13, item 4)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git work tree")
+
+    def ignored(path: str) -> bool:
+        rc = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO_ROOT).returncode
+        assert rc in (0, 1), f"git check-ignore failed on {path}"
+        return rc == 0
+
+    assert not ignored("docs/scaled_protocol/results/base_deep_learning_system/test_accuracy_per_epoch/index-0.npy")
+    assert not ignored("docs/scaled_protocol/search/p1/results/retrained_network/run_status/index-0.json")
+    assert ignored("results/scaled/base_deep_learning_system/test_accuracy_per_epoch/index-0.npy")
+    assert ignored("docs/scaled_protocol/results/base_deep_learning_system/model_parameters/index-0/epoch-0/x")
+    assert ignored("docs/scaled_protocol/results/base_deep_learning_system/checkpoints/index-0/x")
 
 
 def test_the_sweeps_analysis_draws_from_the_full_split_loaded_once_per_source(tmp_path, monkeypatch):
@@ -172,24 +197,39 @@ def _report_script():
     return module
 
 
-def test_report_markers_are_replaced_and_unknown_ones_left_alone(tmp_path):
+def test_report_markers_are_replaced_and_a_marker_without_arrays_is_refused(tmp_path, capsys):
     report = _report_script()
     doc = tmp_path / "doc.md"
-    tail = "b\n<!-- report: y -->\nkeep\n<!-- /report -->\n"
-    doc.write_text("a\n<!-- report: x -->\nold\n<!-- /report -->\n" + tail)
-    assert report.update_document(doc, {"x": "| new |"}) == ["x"]
-    assert doc.read_text() == "a\n<!-- report: x -->\n| new |\n<!-- /report -->\n" + tail
+    text = "a\n<!-- report: x -->\nold\n<!-- /report -->\nb\n<!-- report: y -->\nkeep\n<!-- /report -->\n"
+    doc.write_text(text)
+    assert report.update_document(doc, {"x": "| new |", "y": "| other |"}) == ["x", "y"]
+    assert doc.read_text() == text.replace("old", "| new |").replace("keep", "| other |")
+    doc.write_text(text)
+    with pytest.raises(report.MissingArrays, match="report: y"):
+        report.update_document(doc, {"x": "| new |"})
+    assert doc.read_text() == text  # nothing written
+
+    # the report's main: a marker naming a folder without arrays is a one-line error (exit 2)
+    root = tmp_path / "root"
+    (root / "search" / "empty" / "results").mkdir(parents=True)
+    doc.write_text("<!-- report: configs/scaled_search/empty -->\nold\n<!-- /report -->\n")
+    assert report.main(["--root", str(root), "--update", str(doc)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "configs/scaled_search/empty" in err and "no result arrays" in err
+    assert "old" in doc.read_text()
 
 
-def test_the_committed_report_tables_are_the_ones_the_committed_arrays_give(tmp_path, monkeypatch):
+def test_the_committed_report_tables_are_the_ones_the_committed_arrays_give(tmp_path, capsys):
     """docs/scaled_protocol.md's tables are printed from the committed arrays, never edited by hand:
-    regenerating them changes nothing."""
+    every marker has committed arrays behind it, and regenerating the tables changes nothing."""
     report = _report_script()
     doc = tmp_path / "scaled_protocol.md"
     committed = (REPO_ROOT / "docs" / "scaled_protocol.md").read_text()
+    markers = report.document_markers(committed)
+    assert markers, "docs/scaled_protocol.md has no <!-- report: NAME --> marker"
     doc.write_text(committed)
-    monkeypatch.setattr("sys.argv", ["report", "--root", str(REPO_ROOT / "docs" / "scaled_protocol"),
-                                     "--update", str(doc)])
-    report.main()
-    assert committed.count("<!-- report: ") >= 4
+    rc = report.main(["--root", str(REPO_ROOT / "docs" / "scaled_protocol"), "--update", str(doc)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert out.out.strip() == f"{doc}: updated {', '.join(markers)}"  # every marker regenerated
     assert doc.read_text() == committed
