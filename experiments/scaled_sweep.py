@@ -3,12 +3,19 @@
     python -m experiments.scaled_sweep [--config-dir configs/scaled] [--seeds 0-2] [--systems a,b]
         [--data-dir D] [--results-dir results/scaled] [--export-dir docs/scaled_protocol]
         [--seeds-together] [--skip-runs] [--verbose]
+    python -m experiments.scaled_sweep --check [--export-dir docs/scaled_protocol]
 
 Each run is analysed and its small arrays copied to ``<export-dir>/results`` as soon as it ends.
 Rerunning the same command resumes: runs in the exported copy are skipped (so a sweep continues
 on another machine from the committed copy), an interrupted run continues from its last
 checkpoint. The figures and the table are drawn from the exported copy, so ``--skip-runs`` redraws
 them from the repository alone.
+
+``--check`` answers "does the export show the loss-of-plasticity signature?" from the exported
+arrays alone (no run, no data set): each criterion of ``lop_jax.signature`` with its value ±
+standard error over seeds and PASS/FAIL, then the other systems beside them for information.
+Exit 0 when every criterion passes, 1 when one fails, 2 (one line) when the export cannot be
+judged (no finished run, or a system the criteria need is missing).
 """
 
 from __future__ import annotations
@@ -39,12 +46,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="vmap the seeds of a system in one process (does not pay at width 8 on 2 CPU cores)")
     p.add_argument("--skip-runs", action="store_true", help="only analyse, export and draw what is there")
     p.add_argument("--verbose", action="store_true", help="per-epoch lines instead of progress bars")
+    p.add_argument("--check", action="store_true",
+                   help="only judge the exported arrays against the signature's criteria (exit 0: all pass)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, analyse, export, draw; errors are one line on stderr (exit 2), an interrupt exits 130."""
     args = parse_args(argv)
+    if args.check:
+        return check(Path(args.export_dir))
     from lop_jax.analysis import AnalysisError
     from lop_jax.config import ConfigError
     from lop_jax.data import DataError
@@ -73,6 +84,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, AnalysisError, PlotError, RunError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
+    return 0
+
+
+def check(export_dir: Path) -> int:
+    """Print the signature's criteria for an export; 0 when all pass, 1 when any fails, 2 on an error."""
+    from lop_jax.signature import (
+        SignatureError,
+        check_signature,
+        compare_with_paper,
+        format_comparison,
+        format_criterion,
+    )
+
+    try:
+        criteria = check_signature(export_dir / "results")
+        rows, orders = compare_with_paper(export_dir / "results")
+    except SignatureError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    for c in criteria:
+        print(format_criterion(c))
+    for line in format_comparison(rows, orders):
+        print(line)
+    failed = [c.name for c in criteria if not c.passed]
+    if failed:
+        print(f"signature: {len(failed)} of {len(criteria)} criteria fail: {'; '.join(failed)}")
+        return 1
+    print(f"signature: all {len(criteria)} criteria pass")
     return 0
 
 

@@ -219,6 +219,20 @@ def test_report_markers_are_replaced_and_a_marker_without_arrays_is_refused(tmp_
     assert "old" in doc.read_text()
 
 
+def test_report_update_regenerates_a_marker_that_has_arrays(tmp_path, capsys):
+    from test_signature import write_export
+
+    report = _report_script()
+    root = write_export(tmp_path / "root")
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- report: configs/scaled -->\nstale\n<!-- /report -->\nend\n")
+    assert report.main(["--root", str(root), "--update", str(doc)]) == 0
+    assert capsys.readouterr().out.strip() == f"{doc}: updated configs/scaled"
+    table = report.candidate_table(root / "results", json.loads((root / TIMING_FILE).read_text()))
+    assert doc.read_text() == f"intro\n<!-- report: configs/scaled -->\n{table}\n<!-- /report -->\nend\n"
+    assert "stale" not in table and "base_deep_learning_system (n=3): best test accuracy" in table
+
+
 def test_the_committed_report_tables_are_the_ones_the_committed_arrays_give(tmp_path, capsys):
     """docs/scaled_protocol.md's tables are printed from the committed arrays, never edited by hand:
     every marker has committed arrays behind it, and regenerating the tables changes nothing."""
