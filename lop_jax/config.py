@@ -223,20 +223,55 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+EXTENDS_KEY = "extends"
+MAX_EXTENDS_DEPTH = 8
+
+
+def _read_json_object(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        values = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {p} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {p} must hold a JSON object")
+    return values
+
+
+def read_config_values(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The keys of a JSON config file with its ``extends`` resolved (comments included).
+
+    ``"extends": "a.json"`` or ``["a.json", "b.json"]`` (paths relative to the file) loads those
+    files first, in order, each overriding the one before; the file's own keys come last. This is
+    how a scale (``configs/scaled/scale.json``) is written once and combined with each system's
+    paper config. The reference's files have no ``extends`` and load unchanged.
+    """
+    p = Path(path)
+    if p.resolve() in _chain:
+        raise ConfigError(f"config file {p}: 'extends' forms a cycle")
+    if len(_chain) >= MAX_EXTENDS_DEPTH:
+        raise ConfigError(f"config file {p}: 'extends' nests more than {MAX_EXTENDS_DEPTH} files deep")
+    own = _read_json_object(p)
+    parents = own.pop(EXTENDS_KEY, [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
+        raise ConfigError(f"config file {p}: 'extends' must be a file name or a list of file names")
+    values: dict[str, Any] = {}
+    for parent in parents:
+        values.update(read_config_values(p.parent / parent, _chain + (p.resolve(),)))
+    values.update(own)
+    return values
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a JSON config (the reference's files load unchanged) and apply overrides."""
+    """Read a JSON config (the reference's files load unchanged; ``extends`` composes files) and apply
+    overrides. ``experiment_name`` defaults to the file's name."""
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            values = json.loads(p.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config file {p} is not valid JSON: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {p} must hold a JSON object")
-        values.setdefault("experiment_name", p.stem)
+        values = read_config_values(path)
+        values.setdefault("experiment_name", Path(path).stem)
     values.update(overrides or {})
     return make_config(values)
 

@@ -228,3 +228,33 @@ def test_train_summaries():
                          "train_batch_size": 25, "running_avg_window": 2})
     # steps per epoch 4 then 8 → 2 and 4 summaries per epoch
     assert small.train_summaries == 2 * 2 + 4 * 2
+
+
+def test_extends_composes_files_in_order_with_the_files_own_keys_last(tmp_path):
+    (tmp_path / "system.json").write_text(json.dumps({"use_cbp": True, "replacement_rate": 1e-5,
+                                                      "maturity_threshold": 1000, "weight_decay": 5e-4}))
+    (tmp_path / "scale.json").write_text(json.dumps({"num_tasks": 3, "weight_decay": 2e-3,
+                                                     "_why_num_tasks_": "a comment travels too"}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "cbp.json").write_text(json.dumps({"extends": ["../system.json", "../scale.json"],
+                                                           "replacement_rate": 4e-5}))
+    cfg = load_config(tmp_path / "sub" / "cbp.json")
+    assert (cfg.use_cbp, cfg.maturity_threshold, cfg.num_tasks) == (True, 1000, 3)
+    assert cfg.weight_decay == 2e-3  # the later file wins
+    assert cfg.replacement_rate == 4e-5  # the file's own key wins over both
+    assert cfg.experiment_name == "cbp"  # the file's own name, as for a plain file
+    assert cfg._comments["_why_num_tasks_"] == "a comment travels too"
+    assert "extends" not in cfg.to_dict()
+
+
+@pytest.mark.parametrize("extends, message", [
+    ("missing.json", "config file not found"),
+    (3, "'extends' must be a file name or a list of file names"),
+    ("a.json", "'extends' forms a cycle"),
+])
+def test_bad_extends_is_a_one_line_error(tmp_path, extends, message):
+    (tmp_path / "a.json").write_text(json.dumps({"extends": "b.json"}))
+    (tmp_path / "b.json").write_text(json.dumps({"extends": extends}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(tmp_path / "a.json")
+    assert "\n" not in str(err.value)
