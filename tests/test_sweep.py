@@ -10,6 +10,7 @@ from conftest import REPO_ROOT
 from lop_jax.analysis import ANALYSIS_METRICS
 from lop_jax.config import ConfigError, load_config
 from lop_jax.data import load_data
+from lop_jax.scaling import STEP_SCALED_KEYS, scaled_step_values, step_ratio, steps_in_task
 from lop_jax.sweep import SYSTEMS, TIMING_FILE, draw_sweep, load_system_configs, per_task_summary, run_sweep
 
 SCALED = REPO_ROOT / "configs" / "scaled"
@@ -18,32 +19,63 @@ SCALE_KEYS = {"num_tasks", "classes_per_task", "epochs_per_task", "train_images_
               "test_images_per_class", "network_width", "train_batch_size", "test_batch_size", "val_batch_size",
               "running_avg_window", "checkpoint_every_epochs", "results_dir", "num_workers"}
 CBP_STEP_KEYS = {"replacement_rate", "maturity_threshold"}
+SEARCH_FOLDERS = sorted((REPO_ROOT / "configs" / "scaled_search").iterdir())
 
 
-def _steps_in_task(cfg, task):
-    return cfg.steps_per_epoch(task) * cfg.epochs_per_task
+def _differing_keys(scaled, paper):
+    return {k for k, v in scaled.to_dict().items() if paper.to_dict()[k] != v}
 
 
-SCALED_FOLDERS = [SCALED] + sorted((REPO_ROOT / "configs" / "scaled_search").iterdir())
+def _unexplained(cfg, keys):
+    return [k for k in keys - {"results_dir", "num_workers"} if len(cfg._comments.get(f"_why_{k}_", "")) < 20]
 
 
-@pytest.mark.parametrize("folder", SCALED_FOLDERS, ids=lambda p: p.name)
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_scaled_configs_keep_the_papers_algorithm_and_explain_every_scaled_value(folder, system):
-    """configs/scaled and every candidate of the search (configs/scaled_search/*)."""
+def test_the_laptop_protocol_is_the_paper_config_with_the_scale_and_the_scaling_rule(system):
+    """configs/scaled: the paper's config of each system, the scale's sizes, and every step-counted
+    key equal to what the scaling rule derives from the paper's value and the step ratio."""
+    scaled, paper = load_config(SCALED / f"{system}.json"), load_config(PAPER / f"{system}.json")
+    assert scaled.experiment_name == system
+    ratio = step_ratio(scaled, paper)
+    expected = scaled_step_values(paper, ratio)
+    for key, value in expected.items():
+        if key == "maturity_threshold":
+            assert getattr(scaled, key) == value, key
+        else:
+            assert getattr(scaled, key) == pytest.approx(value, rel=0.01, abs=1e-12), key
+    differ = _differing_keys(scaled, paper)
+    assert differ <= SCALE_KEYS | set(STEP_SCALED_KEYS), differ - SCALE_KEYS - set(STEP_SCALED_KEYS)
+    assert not _unexplained(scaled, differ), _unexplained(scaled, differ)
+    assert scaled.weight_decay > paper.weight_decay  # the rule changes it: it is not left at the paper's value
+
+
+def test_the_scaling_rules_arithmetic_for_each_key():
+    """Hand-computed: a protocol with a quarter of the paper's steps in every task."""
+    paper = load_config(PAPER / "continual_backpropagation.json", {"noise_std": 1e-5})
+    scaled = load_config(PAPER / "continual_backpropagation.json",
+                         {"epochs_per_task": 50, "num_tasks": 4})  # 50 of 200 epochs: 1/4 of the steps
+    assert step_ratio(scaled, paper) == 0.25
+    values = scaled_step_values(paper, 0.25)
+    assert values["weight_decay"] == pytest.approx(0.0005 * 4)  # the same total shrink per task
+    assert values["noise_std"] == pytest.approx(1e-5 * 2)  # the same noise variance per task: σ² × steps
+    assert values["replacement_rate"] == pytest.approx(1e-5 * 4)  # the same replacements per unit per task
+    assert values["maturity_threshold"] == 250  # the same protected share of a task
+    for task in range(4):  # task t has (t + 1) times the first task's steps in both protocols
+        assert steps_in_task(scaled, task) == 0.25 * steps_in_task(paper, task)
+
+
+@pytest.mark.parametrize("folder", SEARCH_FOLDERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_search_candidates_keep_the_papers_algorithm_and_explain_every_scaled_value(folder, system):
+    """configs/scaled_search/*: the scalings tried before configs/scaled, kept as recorded candidates."""
     scaled, paper = load_config(folder / f"{system}.json"), load_config(PAPER / f"{system}.json")
-    differ = {k for k, v in scaled.to_dict().items() if paper.to_dict()[k] != v}
-    allowed = SCALE_KEYS | (CBP_STEP_KEYS if system == "continual_backpropagation" else set())
+    differ = _differing_keys(scaled, paper)
+    allowed = SCALE_KEYS | set(STEP_SCALED_KEYS)
     assert differ <= allowed, differ - allowed
     assert scaled.experiment_name == system
-    raw = json.loads((folder / f"{system}.json").read_text())
-    unexplained = [k for k in differ - {"results_dir", "num_workers"} if len(raw.get(f"_why_{k}_", "")) < 20]
-    assert not unexplained, f"scaled keys without a _why_<key>_ comment: {unexplained}"
+    assert not _unexplained(scaled, differ), _unexplained(scaled, differ)
     if system == "continual_backpropagation":
-        # replacements per unit per task and the maturity as a share of a task: as in the paper
-        ratios = {_steps_in_task(scaled, t) / _steps_in_task(paper, t) for t in range(scaled.num_tasks)}
-        assert len(ratios) == 1  # the same share of the paper's steps in every task
-        ratio = ratios.pop()
+        ratio = step_ratio(scaled, paper)
         assert scaled.replacement_rate * ratio == pytest.approx(paper.replacement_rate, rel=0.01)
         assert scaled.maturity_threshold == round(paper.maturity_threshold * ratio)
 

@@ -1,0 +1,59 @@
+"""The scaling rule of the laptop protocol: what a smaller protocol must change so that every force
+that acts once per SGD step does, over a task, what it does over a task of the paper.
+
+A scaled protocol keeps the paper's algorithm and changes its sizes (tasks, epochs, images per
+class, batch, width). Its training set grows by the same 5 classes per task, so the number of
+steps in task t is the paper's times one ratio ``r`` (``step_ratio``), the same in every task.
+Quantities counted in epochs need no rule beyond "the same share of a task": the step-size
+milestones (60/120/160 of 200 epochs, ``Config.stepsize_at``) and early stopping (the best
+validation epoch of each task). Quantities counted in steps are scaled by ``r`` so that their
+total over a task equals the paper's (``scaled_step_values``):
+
+- weight decay: each step multiplies the weights by (1 − lr·wd), so a task shrinks them by
+  exp(−wd · Σ lr); the schedule has the same shape in epochs, so Σ lr over a task is r times
+  the paper's and ``weight_decay / r`` keeps the task's shrink;
+- shrink and perturb's noise: independent per step, so its variance over a task is σ²·steps and
+  ``noise_std / √r`` keeps it;
+- CBP's replacement rate (replacements per unit per step): ``replacement_rate / r`` keeps the
+  expected replacements per unit per task;
+- CBP's maturity threshold (steps a new unit is protected): ``round(maturity_threshold · r)``
+  keeps the protected share of a task.
+
+docs/scaled_protocol.md derives the rule and reports what it gives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lop_jax.config import Config
+
+STEP_SCALED_KEYS = ("weight_decay", "noise_std", "replacement_rate", "maturity_threshold")
+
+
+def steps_in_task(cfg: Config, task: int) -> int:
+    """SGD steps of task ``task`` (0-based): steps per epoch on the classes seen so far × epochs."""
+    return cfg.steps_per_epoch(task) * cfg.epochs_per_task
+
+
+def step_ratio(scaled: Config, paper: Config) -> float:
+    """Steps of a scaled task / steps of the paper's task.
+
+    Both protocols add ``classes_per_task`` classes per task and use whole batches only (config
+    validation), so task t has (t + 1) times the steps of the first task in both, and the ratio
+    of the first tasks is the ratio of every task.
+    """
+    return steps_in_task(scaled, 0) / steps_in_task(paper, 0)
+
+
+def scaled_step_values(paper: Config, ratio: float) -> dict[str, Any]:
+    """The step-counted keys of ``paper`` for a protocol with ``ratio`` × the paper's steps per task."""
+    if not ratio > 0:
+        raise ValueError(f"the step ratio must be > 0, got {ratio}")
+    return {
+        "weight_decay": paper.weight_decay / ratio,
+        "noise_std": paper.noise_std / math.sqrt(ratio),
+        "replacement_rate": paper.replacement_rate / ratio,
+        "maturity_threshold": round(paper.maturity_threshold * ratio),
+    }
