@@ -7,7 +7,9 @@ For the chosen protocol (``<root>/results``) and every candidate of the search
 the paper plots), the base system's dormant units and stable rank on the next task's data and
 its average weight magnitude, and the wall time of each run from ``sweep_timing.json``. Where a
 system has several run indices, each cell is the mean ± standard error over them, and the
-accuracy difference to the retrained network is taken seed by seed (same class order).
+accuracy difference to the retrained network is taken seed by seed (same class order). The
+block ``check: configs/scaled`` is what ``python -m experiments.scaled_sweep --check`` prints for
+the chosen protocol (``lop_jax.signature``).
 
 ``--update DOC`` regenerates every ``<!-- report: NAME -->`` … ``<!-- /report -->`` block of DOC
 and refuses (one line on stderr, exit 2, DOC untouched) when a marker names a folder without
@@ -138,7 +140,27 @@ def collect_tables(root: Path) -> dict[str, str]:
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         if has_arrays(folder / "results"):
             tables[name] = candidate_table(folder / "results", timing)
+    if "configs/scaled" in tables:
+        tables["check: configs/scaled"] = signature_block(root)
     return tables
+
+
+def signature_block(root: Path) -> str:
+    """What ``python -m experiments.scaled_sweep --check`` prints for the chosen protocol, as a code block."""
+    from lop_jax.signature import (
+        SignatureError,
+        check_signature,
+        compare_with_paper,
+        format_comparison,
+        format_criterion,
+    )
+
+    try:
+        lines = [format_criterion(c) for c in check_signature(root / "results")]
+        lines += format_comparison(*compare_with_paper(root / "results"))
+    except SignatureError as err:
+        lines = [f"error: {err}"]
+    return "```\n" + "\n".join(lines) + "\n```"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
