@@ -12,16 +12,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lop_jax import cli
+from lop_jax.errors import CommandFailed
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+    """Command-line arguments (the reference's ``--results_dir``, ``--data_path`` and
+    ``--dormant_unit_threshold`` are accepted as aliases)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results-dir", required=True,
-                        help="experiment directory: <results_dir>/<experiment_name>")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the data set (default: the data_path of the run's config)")
-    parser.add_argument("--dormant-unit-threshold", type=float, default=0.01,
+    cli.add_results_dir(parser, help="experiment directory: <results_dir>/<experiment_name>", required=True)
+    cli.add_data_dir(parser, help="folder with the data set (default: the data_path of the run's config)")
+    parser.add_argument("--dormant-unit-threshold", "--dormant_unit_threshold", dest="dormant_unit_threshold",
+                        type=float, default=0.01,
                         help="a unit is dormant when its fraction of non-zero activations is below this (0.01)")
     parser.add_argument("--bn-mode", choices=("train", "eval"), default="train",
                         help="BatchNorm statistics of the forward passes: 'train' (batch statistics, as the "
@@ -30,23 +33,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the analysis; errors are one line on stderr and exit code 2."""
+    """Run the analysis; exit codes as in ``lop_jax.errors`` (1: no finished run to analyse)."""
     args = parse_args(argv)
-    from lop_jax.analysis import AnalysisError, analyze_experiment
-    from lop_jax.config import ConfigError
-    from lop_jax.data import DataError
+    from lop_jax.analysis import analyze_experiment
 
-    try:
-        results = analyze_experiment(args.results_dir, data_dir=args.data_dir,
-                                     threshold=args.dormant_unit_threshold, bn_mode=args.bn_mode,
-                                     progress=not args.no_progress)
-    except (AnalysisError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+    results = analyze_experiment(args.results_dir, data_dir=args.data_dir, threshold=args.dormant_unit_threshold,
+                                 bn_mode=args.bn_mode, progress=not args.no_progress)
     if not results:
-        print(f"no finished run to analyse in {args.results_dir}", file=sys.stderr)
-        return 1
+        raise CommandFailed(f"no finished run to analyse in {args.results_dir}")
     print(f"analysed index {', '.join(str(i) for i in results)} of {args.results_dir}", file=sys.stderr)
     return 0
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.run import parse_indices
-from lop_jax.config import Config, ConfigError, load_config, parse_override
-from lop_jax.data import CifarData, DataError, load_data
+from lop_jax import cli
+from lop_jax.config import Config
+from lop_jax.data import CifarData, load_data
 
 
 def synthetic_data(cfg: Config) -> CifarData:
@@ -116,26 +116,20 @@ def benchmark(cfg: Config, indices: list[int], data: CifarData, steps: int, repe
     }
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    """Measure and print; exit codes as in ``lop_jax.errors``."""
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--experiment-index", default="0")
+    cli.add_config_options(p)
+    p.add_argument("--experiment-index", default="0", help="run indices timed together: N, A-B or a comma list")
     p.add_argument("--steps", type=int, default=25, help="time an epoch with at least this many steps")
-    p.add_argument("--data-dir")
+    cli.add_data_dir(p)
     p.add_argument("--synthetic", action="store_true", help="random images of the config's sizes instead of data")
     p.add_argument("--json", help="write the figures to this JSON file")
     args = p.parse_args(argv)
-    try:
-        overrides = dict(parse_override(s) for s in args.set)
-        if args.data_dir is not None:
-            overrides["data_path"] = args.data_dir
-        cfg = load_config(args.config, overrides)
-        indices = parse_indices(args.experiment_index)
-        data = synthetic_data(cfg) if args.synthetic else load_data(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = cli.config_from_args(args)
+    indices = cli.parse_indices(args.experiment_index)
+    data = synthetic_data(cfg) if args.synthetic else load_data(cfg)
     out = benchmark(cfg, indices, data, args.steps)
     out["config"] = args.config
     out["data"] = data.source

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lop_jax import cli
+
 METRIC_CHOICES = (
     "relative_accuracy_per_epoch", "test_accuracy_per_epoch", "test_loss_per_epoch",
     "weight_magnitude_analysis", "previous_tasks_dormant_units_analysis", "next_task_dormant_units_analysis",
@@ -26,10 +28,10 @@ METRIC_CHOICES = (
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+    """Command-line arguments (the reference's ``--results_dir`` is accepted as an alias)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results-dir", required=True, help="folder holding one experiment directory per algorithm")
+    cli.add_results_dir(parser, help="folder holding one experiment directory per algorithm", required=True)
     parser.add_argument("--algorithms", required=True, help="comma-separated experiment names")
     parser.add_argument("--metric", choices=METRIC_CHOICES, default=None, help="what to draw")
     parser.add_argument("--output-dir", default=None, help="where figures and tables go (default <results-dir>/plots)")
@@ -39,41 +41,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Draw and tabulate; errors are one line on stderr and exit code 2."""
+    """Draw and tabulate; exit codes as in ``lop_jax.errors`` (2: missing or inconsistent results)."""
     args = parse_args(argv)
     from lop_jax import plots
 
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    algorithms = cli.split_names(args.algorithms)
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.results_dir) / "plots"
-    try:
-        if not algorithms:
-            raise plots.PlotError("--algorithms is empty")
-        if args.metric is None and not args.table:
-            raise plots.PlotError("nothing to do: give --metric and/or --table")
-        if not Path(args.results_dir).is_dir():
-            raise plots.PlotError(f"no such results directory: {args.results_dir}")
-        quirk = args.reference_next_task_quirk
-        written: list[Path] = []
-        if args.metric == "all":
-            written = plots.plot_all(args.results_dir, algorithms, output_dir, quirk,
-                                     log=lambda m: print(m, file=sys.stderr))
-        elif args.metric == "summary":
-            written = plots.plot_summary(args.results_dir, algorithms, output_dir, quirk)
-        elif args.metric is not None:
-            written = plots.plot_metric(args.results_dir, algorithms, args.metric, output_dir, quirk)
-        for path in written:
-            print(path)
-        if args.table:
-            rows = plots.summary_table(args.results_dir, algorithms)
-            text = plots.format_table(rows)
-            print(text)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "summary_table.txt").write_text(text + "\n")
-            print(plots.write_table_csv(rows, output_dir / "summary_table.csv"))
-    except plots.PlotError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+    if not algorithms:
+        raise plots.PlotError("--algorithms is empty")
+    if args.metric is None and not args.table:
+        raise plots.PlotError("nothing to do: give --metric and/or --table")
+    if not Path(args.results_dir).is_dir():
+        raise plots.PlotError(f"no such results directory: {args.results_dir}")
+    quirk = args.reference_next_task_quirk
+    written: list[Path] = []
+    if args.metric == "all":
+        written = plots.plot_all(args.results_dir, algorithms, output_dir, quirk,
+                                 log=lambda m: print(m, file=sys.stderr))
+    elif args.metric == "summary":
+        written = plots.plot_summary(args.results_dir, algorithms, output_dir, quirk)
+    elif args.metric is not None:
+        written = plots.plot_metric(args.results_dir, algorithms, args.metric, output_dir, quirk)
+    for path in written:
+        print(path)
+    if args.table:
+        rows = plots.summary_table(args.results_dir, algorithms)
+        text = plots.format_table(rows)
+        print(text)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "summary_table.txt").write_text(text + "\n")
+        print(plots.write_table_csv(rows, output_dir / "summary_table.csv"))
     return 0
 
 

@@ -26,7 +26,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.run import parse_indices
+from lop_jax import cli
+from lop_jax.errors import InputError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -38,8 +39,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config-dir", default="configs/scaled", help="folder with one <system>.json per system")
     p.add_argument("--seeds", default="0-2", help="run indices: N, A-B or a comma list (default 0-2)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated config names (default: all five)")
-    p.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/ or its archive")
-    p.add_argument("--results-dir", default="results/scaled", help="where the runs go (default results/scaled)")
+    cli.add_data_dir(p, help="folder holding cifar-100-python/ or its archive")
+    cli.add_results_dir(p, help="where the runs go (default results/scaled)", default="results/scaled")
     p.add_argument("--export-dir", default="docs/scaled_protocol",
                    help="where the small arrays, figures and table go (default docs/scaled_protocol)")
     p.add_argument("--seeds-together", action="store_true",
@@ -51,44 +52,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run, analyse, export, draw; errors are one line on stderr (exit 2), an interrupt exits 130."""
+    """Run, analyse, export, draw (or --check); exit codes as in ``lop_jax.errors``."""
     args = parse_args(argv)
     if args.check:
         return check(Path(args.export_dir))
-    from lop_jax.analysis import AnalysisError
-    from lop_jax.config import ConfigError
-    from lop_jax.data import DataError
-    from lop_jax.experiment import RunError, RunInterrupted
-    from lop_jax.plots import PlotError
+    from lop_jax.experiment import RunInterrupted
     from lop_jax.sweep import SYSTEMS, draw_sweep, load_system_configs, per_task_summary, run_sweep
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = cli.split_names(args.systems)
+    seeds = None if args.skip_runs else cli.parse_indices(args.seeds, "--seeds")
     overrides = {"data_path": args.data_dir} if args.data_dir is not None else {}
     export_dir = Path(args.export_dir)
-    try:
-        configs = load_system_configs(args.config_dir, systems, overrides)
-        if not args.skip_runs:
-            run_sweep(configs, parse_indices(args.seeds), args.results_dir, export_dir,
-                      seeds_together=args.seeds_together, verbose=args.verbose)
-        drawn = systems + [s for s in SYSTEMS if s not in systems]  # a --systems subset keeps the others' curves
-        for path in draw_sweep(export_dir / "results", drawn, export_dir / "figures",
-                               log=lambda m: print(m, file=sys.stderr)):
-            print(path)
-        summary = per_task_summary(export_dir / "results", drawn)
-        (export_dir / "per_task_means.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print((export_dir / "figures" / "summary_table.txt").read_text())
-    except RunInterrupted as err:
-        print(f"{err}; rerun the same command to resume the sweep", file=sys.stderr)
-        return 130
-    except (ConfigError, DataError, AnalysisError, PlotError, RunError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+    configs = load_system_configs(args.config_dir, systems, overrides)
+    if seeds is not None:
+        try:
+            run_sweep(configs, seeds, args.results_dir, export_dir, seeds_together=args.seeds_together,
+                      verbose=args.verbose)
+        except RunInterrupted as err:
+            raise RunInterrupted(f"{err}; rerun the same command to resume the sweep") from None
+    drawn = systems + [s for s in SYSTEMS if s not in systems]  # a --systems subset keeps the others' curves
+    for path in draw_sweep(export_dir / "results", drawn, export_dir / "figures",
+                           log=lambda m: print(m, file=sys.stderr)):
+        print(path)
+    summary = per_task_summary(export_dir / "results", drawn)
+    (export_dir / "per_task_means.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print((export_dir / "figures" / "summary_table.txt").read_text())
     return 0
 
 
 def check(export_dir: Path) -> int:
-    """Print the signature's criteria for an export; 0 when all pass, 1 when any fails, 2 on an error."""
+    """Print the signature's criteria for an export; 0 when all pass, 1 when any fails; an export that
+    cannot be judged is an ``InputError`` (2)."""
     from lop_jax.signature import (
         SignatureError,
         check_signature,
@@ -100,9 +96,8 @@ def check(export_dir: Path) -> int:
     try:
         criteria = check_signature(export_dir / "results")
         rows, orders = compare_with_paper(export_dir / "results")
-    except SignatureError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+    except SignatureError as err:  # lop_jax.signature's error is not (yet) a LopJaxError
+        raise InputError(str(err)) from None
     for c in criteria:
         print(format_criterion(c))
     for line in format_comparison(rows, orders):

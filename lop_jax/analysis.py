@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from lop_jax.augment import normalize
 from lop_jax.config import Config, make_config
+from lop_jax.errors import InputError
 from lop_jax.model import NUM_OUTPUTS, ResNet18
 from lop_jax.results import load_snapshot, load_status, metric_path, save_npy, snapshot_path
 
@@ -74,7 +75,7 @@ ANALYSIS_KEY_SALT = 0x4C4F5041  # separates the analysis' random stream from the
 ROLE_NEXT, ROLE_PREVIOUS, ROLE_TEST = 0, 1, 2
 
 
-class AnalysisError(RuntimeError):
+class AnalysisError(InputError, RuntimeError):
     """A problem with the results directory; the message is one line that names the file."""
 
 
@@ -324,7 +325,11 @@ def load_experiment_config(exp_dir: str | Path) -> Config:
     path = Path(exp_dir) / "config.json"
     if not path.is_file():
         raise AnalysisError(f"no config.json in {exp_dir}: is it an experiment directory (<results_dir>/<name>)?")
-    return make_config(json.loads(path.read_text()))
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AnalysisError(f"cannot read {path}: {err}") from None
+    return make_config(values)
 
 
 def run_indices(exp_dir: str | Path) -> tuple[list[int], list[int]]:
@@ -351,7 +356,10 @@ def _check_inputs(exp_dir: Path, cfg: Config, index: int, num_available: int) ->
     order_file = metric_path(exp_dir, "class_order", index)
     if not order_file.is_file():
         raise AnalysisError(f"missing class order file {order_file} (index {index})")
-    class_order = np.asarray(np.load(order_file), np.int64)
+    try:
+        class_order = np.asarray(np.load(order_file), np.int64)
+    except (OSError, ValueError) as err:
+        raise AnalysisError(f"cannot read class order file {order_file}: {err}") from None
     if class_order.ndim != 1 or class_order.size < cfg.num_classes:
         raise AnalysisError(f"{order_file} holds {class_order.size} classes, the run needs {cfg.num_classes}")
     if class_order.max(initial=0) >= num_available:
@@ -462,7 +470,7 @@ def analyze_experiment(exp_dir: str | Path, data_dir: str | Path | None = None, 
     """
     _check_bn_mode(bn_mode)
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"the dormant-unit threshold must be in [0, 1], got {threshold}")
+        raise AnalysisError(f"the dormant-unit threshold must be in [0, 1], got {threshold}")
     say = log or (lambda msg: print(msg, file=sys.stderr))
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():

@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lop_jax.config import Config, config_diff
+from lop_jax.errors import InputError
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -265,7 +266,7 @@ class Checkpointer:
             self.manager.close()
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(InputError, ValueError):
     """A checkpoint from a different config."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lop_jax.errors import InputError
+
 DATA_SOURCES = ("cifar100", "embedded", "tfds")
 UTILITIES = ("weight", "contribution")
 CBP_VARIANTS = ("reference", "textbook")
@@ -21,7 +23,7 @@ PRECISIONS = ("float32", "bfloat16")
 EPOCH_MODES = ("auto", "scan", "loop")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config problem, reported as one line that names the key."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lop_jax.config import Config
+from lop_jax.errors import InputError
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 FOLDER_NAME = "cifar-100-python"
@@ -46,7 +47,7 @@ DOWNLOAD_TIMEOUT_S = 10.0
 TFDS_SOURCE_HOST = ("www.cs.toronto.edu", 443)
 
 
-class DataError(RuntimeError):
+class DataError(InputError, RuntimeError):
     """The data asked for cannot be found or read; the message says what to do."""
 
 

@@ -26,6 +26,7 @@ from lop_jax import results as res
 from lop_jax.checkpoint import Checkpointer, move_run_aside
 from lop_jax.config import Config, ConfigError, config_diff, make_config
 from lop_jax.data import CifarData, load_data
+from lop_jax.errors import CommandFailed, Interrupted
 from lop_jax.model import count_params, feature_layers
 from lop_jax.train import (
     NUM_FEATURE_LAYERS,
@@ -154,11 +155,11 @@ class Progress:
             self.bar.close()
 
 
-class RunError(RuntimeError):
+class RunError(CommandFailed, RuntimeError):
     """The run had to stop (non-finite loss); the message says where and what was kept."""
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(Interrupted, RuntimeError):
     """SIGINT/SIGTERM: the run stopped cleanly after an epoch and can be resumed."""
 
 

@@ -38,6 +38,7 @@ from matplotlib.figure import Figure
 
 from lop_jax.analysis import ANALYSIS_METRICS
 from lop_jax.config import ConfigError, make_config
+from lop_jax.errors import InputError
 
 BASELINE = "retrained_network"
 PAPER_COLORS = {
@@ -55,7 +56,7 @@ SUMMARY_NAME = "summary"
 X_LABEL = "Number of Classes"
 
 
-class PlotError(ValueError):
+class PlotError(InputError, ValueError):
     """Missing or inconsistent results; the message is one line."""
 
 
