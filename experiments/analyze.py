@@ -1,4 +1,4 @@
-"""Post-run analysis of one experiment directory (SPEC §9), the reference's ``post_run_analysis.py``.
+"""Post-run analysis of one experiment directory (semantics §9), the reference's ``post_run_analysis.py``.
 
     python -m experiments.analyze --results-dir <results_dir>/<experiment_name> \
         [--data-dir D] [--dormant-unit-threshold 0.01] [--bn-mode train|eval]

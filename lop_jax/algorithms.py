@@ -1,4 +1,4 @@
-"""The plasticity algorithms of SPEC §6 behind one seam that the train loop calls.
+"""The plasticity algorithms of semantics §6 behind one seam that the train loop calls.
 
 The train loop knows four functions: ``init_algo_state``, ``after_step`` (inside the jitted step,
 after every optimiser step), ``needs_features`` and ``at_task_boundary`` (after the early-stopping
@@ -197,7 +197,7 @@ def _noise_after_step(cfg: Config, params: Params, batch_stats: Params, opt_stat
 
 
 def reinitialise(params: Params, key: jax.Array) -> Params:
-    """Fresh parameters with the reference's initial law (SPEC §3), same tree and shapes.
+    """Fresh parameters with the reference's initial law (semantics §3), same tree and shapes.
 
     Conv kernels (HWIO) ~ N(0, 2/fan_in); Linear kernels (in, out) ~ N(0, 1/fan_in); biases 0;
     BatchNorm scale 1 (its shift is a bias: 0).

@@ -1,4 +1,4 @@
-"""Post-run analysis (SPEC §9): representation metrics of the task-boundary snapshots.
+"""Post-run analysis (semantics §9): representation metrics of the task-boundary snapshots.
 
 The metric functions work on their own, on any feature matrix or parameter tree:
 
@@ -163,7 +163,7 @@ def dormant_from_activity(activity: Sequence[Any], threshold: float = 0.01) -> f
 
 
 def dormant_proportion(features: Sequence[Any], threshold: float = 0.01) -> float:
-    """Proportion of dormant channels over the given feature layers (SPEC §9).
+    """Proportion of dormant channels over the given feature layers (semantics §9).
 
     A channel is dormant when the fraction of its activations that are non-zero is below
     ``threshold``; with the 17 layers of ``ResNet18(..., return_features=True)`` this is the
@@ -374,7 +374,7 @@ def _check_inputs(exp_dir: Path, cfg: Config, index: int, num_available: int) ->
 def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, test: np.ndarray,
                 threshold: float = 0.01, bn_mode: str = "train",
                 on_snapshot: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
-    """SPEC §9's metrics for every task-boundary snapshot of one run (nothing is written).
+    """The metrics of semantics §9 for every task-boundary snapshot of one run (nothing is written).
 
     ``pool`` is the source's full training split grouped by class [K, n, 32, 32, 3] (validation
     images included); ``test`` its full test split [K, n_test, 32, 32, 3]. Snapshot i (epoch

@@ -1,4 +1,4 @@
-"""Input pipeline on the device (SPEC §2): normalisation and the three training augmentations.
+"""Input pipeline on the device (semantics §2): normalisation and the three training augmentations.
 
 Everything is vectorised over the batch and driven by JAX keys, so it fuses into the compiled
 train step. Images are NHWC float32 after ``normalize``.

@@ -1,4 +1,4 @@
-"""Continual backpropagation (generate-and-test) for the ResNet-18, as the reference runs it (SPEC §7).
+"""Continual backpropagation (generate-and-test) for the ResNet-18, as the reference runs it (semantics §7).
 
 Everything here is a pure function over pytrees with static shapes, so ``cbp_step`` can run after
 every optimiser step inside a jitted ``lax.scan``. Per feature layer the state holds a utility, an
@@ -326,7 +326,7 @@ def cbp_step(params: Params, batch_stats: Params, opt_state: Any, cbp_state: CBP
              features: Sequence[jax.Array], key: jax.Array, *, width: int, replacement_rate: float,
              utility_function: str = "contribution", maturity_threshold: int = 1000, decay_rate: float = 0.99,
              variant: str = "reference") -> tuple[Params, Params, Any, CBPState, jax.Array]:
-    """One generate-and-test step after an optimiser step (SPEC §7); jittable, keyword args static.
+    """One generate-and-test step after an optimiser step (semantics §7); jittable, keyword args static.
 
     ``features`` are the 17 post-ReLU feature maps of this step's forward pass (the model's
     ``return_features``). Selection (steps 1-5) runs for all 17 layers before the re-initialisation

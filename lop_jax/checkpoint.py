@@ -10,9 +10,9 @@ the previous complete checkpoint intact.
 The state is stored packed: the bytes of all its leaves, in tree order, concatenated on the device
 in one jitted call into a single uint8 buffer, and the host-side results arrays likewise into a
 second one. Orbax's cost per saved array, not the bytes, is what made every-epoch checkpoints slow
-(a width-16 network's state is 339 arrays: ~0.24 s per save one array per leaf, ~0.06 s packed, on
-a 2-core CPU). The stored layout (dtype and shape per leaf) is checked against a template state
-built from the same config before the bytes are split back.
+(a state has hundreds of arrays; the measurement is in docs/performance_notes.md). The stored
+layout (dtype and shape per leaf) is checked against a template state built from the same config
+before the bytes are split back.
 
 Each checkpoint also records a checksum per buffer (the state's computed on the device, so only
 one integer leaves it before the copy). A restore recomputes them, so a checkpoint that Orbax

@@ -1,4 +1,4 @@
-"""Experiment configuration: the reference's JSON keys plus keys for scale (SPEC §1–7).
+"""Experiment configuration: the reference's JSON keys plus keys for scale (semantics §1–7).
 
 A config is a frozen dataclass, read from JSON with the reference's key names. Keys that
 start with ``_`` are comments. Every other key must be known, of the right type and in

@@ -2,10 +2,10 @@
 
 XLA's CPU backend computes the kernel (weight) gradient of an NHWC/HWIO convolution as a
 convolution whose window is the whole output image, single-threaded; for the wider layers of the
-CIFAR ResNet-18 that is 3-10× slower than the forward pass (64→64 channels at 32×32, batch 90:
-~1.2 s against ~0.1 s for the input gradient). And ``vmap`` with a kernel per run (the multi-run
-training loop) turns every convolution into a grouped one, which the CPU backend runs 4-10× slower
-than one convolution per run. :func:`conv_general_dilated` is a drop-in for
+CIFAR ResNet-18 that is several times slower than the forward pass. And ``vmap`` with a kernel per
+run (the multi-run training loop) turns every convolution into a grouped one, which the CPU backend
+runs several times slower than one convolution per run (the measurements are in
+docs/performance_notes.md). :func:`conv_general_dilated` is a drop-in for
 ``lax.conv_general_dilated`` (what ``flax.linen.Conv(conv_general_dilated=...)`` calls) whose
 
 * forward is ``lax.conv_general_dilated`` itself (bit-identical output),
@@ -38,13 +38,13 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CONV_GRAD_MODES = ("auto", "xla", "slices")
 KERNEL_GRADS = ("slices", "xla")
 # In "auto" mode, stride-1 convolutions with fewer than this many (Ci × Co) kernel entries keep
-# XLA's kernel gradient: there it is as fast as the tap sum or faster (16→16 channels at 32×32,
-# batch 90: ~20 ms against ~30-50 ms), while from 32→32 channels on the tap sum wins (2-5×).
-# Strided and 1×1 convolutions always use the tap sum (1.3-5× faster at every width measured).
+# XLA's kernel gradient, which is as fast as the tap sum there; from 32→32 channels on the tap sum
+# wins. Strided and 1×1 convolutions always use the tap sum, which won at every width measured
+# (the figures behind these thresholds: docs/performance_notes.md).
 MIN_SLICES_ENTRIES_STRIDE_1 = 32 * 32
 # Below this many input channels each tap's product is computed as [N, Ci]ᵀ[N, Co] directly;
 # from it on as [Co, N] @ [N, Ci] with the cotangent transposed once (XLA's CPU backend hands a
-# matmul whose lhs contracts its last axis to its fast library: 1.2-1.7× faster per tap).
+# matmul whose lhs contracts its last axis to its fast library).
 MIN_TRANSPOSED_CI = 8
 # Under vmap with a batched kernel, up to this many runs are unrolled into one convolution each;
 # more fall back to XLA's grouped convolution (compile time grows with the unrolled count).
@@ -196,7 +196,7 @@ def conv_slices(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Pad
 
 
 def slices_pay_off(kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
-    """Whether the tap sum beats XLA's CPU kernel gradient for this layer (measured; see the constants)."""
+    """Whether the tap sum beats XLA's CPU kernel gradient for this layer (the rule of the constants above)."""
     kh, kw, ci, co = kernel_shape
     return any(s != 1 for s in strides) or (kh, kw) == (1, 1) or ci * co >= MIN_SLICES_ENTRIES_STRIDE_1
 

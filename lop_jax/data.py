@@ -1,4 +1,4 @@
-"""CIFAR-100 sources and the reference's split (SPEC §1).
+"""CIFAR-100 sources and the reference's split (semantics §1).
 
 Sources, chosen by the config key ``data_source``:
 
@@ -17,7 +17,7 @@ of that class were taken out for validation.
 
 ``load_full_split`` gives the same source unsplit (``FullSplit``: every training image and every
 test image of each class, 500 and 100 per class for the real CIFAR-100, whatever a run's sizes).
-The post-run analysis draws from it, as the reference does (SPEC §9); ``split_for_run`` cuts a
+The post-run analysis draws from it, as the reference does (semantics §9); ``split_for_run`` cuts a
 run's ``CifarData`` out of it, so that a sweep reads the data set once.
 """
 
@@ -236,7 +236,7 @@ def load_full_split(cfg: Config) -> FullSplit:
 
 
 def split_for_run(full: FullSplit, cfg: Config) -> CifarData:
-    """The run's split (SPEC §1) at the config's sizes: per class, the first ``val_images_per_class``
+    """The run's split (semantics §1) at the config's sizes: per class, the first ``val_images_per_class``
     training images for validation, the next ``train_images_per_class`` for training, and the first
     ``test_images_per_class`` test images."""
     n_val, n_train, n_test = cfg.val_images_per_class, cfg.train_images_per_class, cfg.test_images_per_class
@@ -254,5 +254,5 @@ def split_for_run(full: FullSplit, cfg: Config) -> CifarData:
 
 
 def load_data(cfg: Config) -> CifarData:
-    """Load the data set named by the config and split it per SPEC §1 at the config's sizes."""
+    """Load the data set named by the config and split it as in semantics §1, at the config's sizes."""
     return split_for_run(load_full_split(cfg), cfg)

@@ -3,7 +3,7 @@
 ``run_experiment`` is what ``python -m experiments.run`` calls. Per epoch it runs the compiled
 training epoch, evaluates on the active classes' test and validation images, keeps the
 best-validation copy, and at each task boundary restores it (early stopping), saves the
-network snapshot and applies the algorithm's task-boundary hook (SPEC §1, §5, §8).
+network snapshot and applies the algorithm's task-boundary hook (semantics §1, §5, §8).
 """
 
 from __future__ import annotations

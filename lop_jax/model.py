@@ -1,4 +1,4 @@
-"""ResNet-18, CIFAR variant, exactly as the reference builds it (SPEC §3).
+"""ResNet-18, CIFAR variant, exactly as the reference builds it (semantics §3).
 
 Parameters and BatchNorm statistics are plain nested dicts:
 
@@ -10,7 +10,7 @@ Parameters and BatchNorm statistics are plain nested dicts:
 
 for b = 0..7 (blocks 2b and 2b+1 form stage b//2). Conv kernels are HWIO (output channel
 last), the Linear kernel is (in, out). ``feature_layers`` names, for each of the 17 hidden
-feature layers of SPEC §7, the weight layer producing it, its BatchNorm and the next layer.
+feature layers of semantics §7, the weight layer producing it, its BatchNorm and the next layer.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class ResNet18(nn.Module):
     ``width`` is the stem/first-stage width (64 in the paper); stages use 1, 2, 4, 8 × width.
     ``dtype`` is the compute dtype (parameters stay float32). ``conv_grad`` selects how conv
     kernel gradients are computed (``lop_jax.conv``): ``auto`` (default: on the CPU backend, where
-    XLA's own kernel gradient is up to 10× slower than the forward pass, the tap-sum matmuls for the
+    XLA's own kernel gradient is several times slower than the forward pass, the tap-sum matmuls for the
     layers where they are faster, and one convolution per run under ``vmap``; plain XLA convolutions
     on other backends), ``xla`` or ``slices`` (every conv). Parameters are the same in every mode, and
     so are outputs and input gradients bit for bit (under ``vmap``: equal to the per-run results).
@@ -140,7 +140,7 @@ class ResNet18(nn.Module):
 
 @dataclass(frozen=True)
 class FeatureLayer:
-    """One hidden feature layer of SPEC §7: who produces it, its BatchNorm, who reads it."""
+    """One hidden feature layer of semantics §7: who produces it, its BatchNorm, who reads it."""
 
     producer: tuple[str, ...]  # path of the conv producing the channels (output axis last)
     bn: tuple[str, ...]  # path of the BatchNorm that normalises them
@@ -149,7 +149,7 @@ class FeatureLayer:
 
 
 def feature_layers(width: int = 64) -> list[FeatureLayer]:
-    """The 17 feature layers of SPEC §7, in CBP order (stem, then mid/out of each block)."""
+    """The 17 feature layers of semantics §7, in CBP order (stem, then mid/out of each block)."""
     layers = [FeatureLayer(("stem_conv",), ("stem_bn",), ("block0", "conv1"), width)]
     for b in range(8):
         ch = width * 2 ** (b // 2)
@@ -161,7 +161,7 @@ def feature_layers(width: int = 64) -> list[FeatureLayer]:
 
 
 def init_model(model: ResNet18, key: jax.Array) -> tuple[Params, Params]:
-    """Initialise (params, batch_stats) with the reference's init law (SPEC §3)."""
+    """Initialise (params, batch_stats) with the reference's init law (semantics §3)."""
     variables = model.init(key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
     return dict(variables["params"]), dict(variables["batch_stats"])
 

@@ -1,4 +1,4 @@
-"""The paper's figures and a summary table from results directories (SPEC §10).
+"""The paper's figures and a summary table from results directories (semantics §10).
 
 ``results_dir`` holds one experiment directory per algorithm (``<results_dir>/<algorithm>``,
 the experiment name), each with ``<metric>/index-<N>.npy`` files and, for lop-jax runs,

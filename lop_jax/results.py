@@ -1,4 +1,4 @@
-"""What a run records (SPEC §8), in the reference's layout, written atomically.
+"""What a run records (semantics §8), in the reference's layout, written atomically.
 
     <exp_dir>/config.json                         the resolved config
     <exp_dir>/<metric>/index-<N>.npy              one array per metric and run index

@@ -139,7 +139,7 @@ def run_sweep(configs: Sequence[Config], seeds: Sequence[int], results_dir: str 
 
 def analyze_runs(exp_dir: Path, indices: Sequence[int], data: Any = None, log: Callable[[str], None] = print,
                  progress: bool = True) -> list[int]:
-    """Analyse (SPEC §9) the runs among ``indices`` that have no analysis yet; returns those done.
+    """Analyse (semantics §9) the runs among ``indices`` that have no analysis yet; returns those done.
 
     ``data`` is the source's full split (``lop_jax.data.FullSplit``), or None to load it."""
     from lop_jax.analysis import ANALYSIS_METRICS, analyze_experiment

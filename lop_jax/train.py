@@ -1,4 +1,4 @@
-"""Train state and the pure, jitted epoch and evaluation functions (SPEC §1, §4, §5).
+"""Train state and the pure, jitted epoch and evaluation functions (semantics §1, §4, §5).
 
 The train step is one pure function: the images live on the device, the shuffle and the
 augmentation run there from JAX keys, and the optimiser step and the plasticity algorithm's
@@ -52,7 +52,7 @@ def make_model(cfg: Config) -> ResNet18:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """PyTorch SGD semantics (SPEC §4): g ← g + wd·w; buf ← m·buf + g. The caller applies −lr·buf."""
+    """PyTorch SGD semantics (semantics §4): g ← g + wd·w; buf ← m·buf + g. The caller applies −lr·buf."""
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.trace(decay=cfg.momentum))
 
 
@@ -61,7 +61,7 @@ def run_key(index: int) -> jax.Array:
 
 
 def class_order_for(index: int, num_available: int) -> jax.Array:
-    """The run's permutation of the available classes (SPEC §1), drawn from its seed."""
+    """The run's permutation of the available classes (semantics §1), drawn from its seed."""
     return jax.random.permutation(jax.random.fold_in(run_key(index), STREAM_CLASS_ORDER), num_available)
 
 
@@ -105,7 +105,7 @@ def _gather(images: jax.Array, class_order: jax.Array, idx: jax.Array) -> tuple[
 def make_train_step(cfg: Config) -> Callable:
     """The pure train step: ``(state, images, class_order, mask, idx, key, lr) →
     (state, loss, accuracy, replaced_per_layer)``: gather the batch ``idx``, augment it, take the
-    SGD step (SPEC §4) and run the plasticity algorithm's per-step hook."""
+    SGD step (semantics §4) and run the plasticity algorithm's per-step hook."""
     model = make_model(cfg)
     tx = make_optimizer(cfg)
     use_features = algorithms.needs_features(cfg)
@@ -160,7 +160,8 @@ def _step_key(root: jax.Array, epoch: jax.Array, step: jax.Array) -> jax.Array:
 
 def resolve_epoch_mode(mode: str) -> str:
     """``auto`` → one ``lax.scan`` per epoch on accelerators, a loop of jitted steps on the CPU
-    (XLA's CPU backend runs convolutions inside a while loop ~30× slower, measured here)."""
+    (XLA's CPU backend runs convolutions inside a while loop much more slowly; the measurement is in
+    docs/performance_notes.md)."""
     if mode != "auto":
         return mode
     return "loop" if jax.default_backend() == "cpu" else "scan"
@@ -286,7 +287,7 @@ def _update_best(state: TrainState, val_acc: jax.Array) -> TrainState:
 
 
 update_best = jax.jit(_update_best)
-update_best.__doc__ = "Keep a copy of the network when validation accuracy strictly improves (SPEC §5)."
+update_best.__doc__ = "Keep a copy of the network when validation accuracy strictly improves (semantics §5)."
 update_best_batched = jax.jit(jax.vmap(_update_best))
 
 

@@ -298,7 +298,7 @@ def test_cli_analyses_with_the_configured_data_and_reports_errors(tiny_experimen
 
 
 # ---------------------------------------------------------------------------------------------
-# the images the analysis draws: the source's full split, as the reference (SPEC §9)
+# the images the analysis draws: the source's full split, as the reference (semantics §9)
 # ---------------------------------------------------------------------------------------------
 def _experiment_of(tmp_path, num_classes: int, **keys) -> tuple:
     """An experiment folder with one finished run (random snapshots) of 2 tasks of 5 classes."""

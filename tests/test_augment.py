@@ -1,4 +1,4 @@
-"""Augmentation on the device (SPEC §2): normalisation, flip, reflect-pad crop, rotation, and their draws."""
+"""Augmentation on the device (semantics §2): normalisation, flip, reflect-pad crop, rotation, and their draws."""
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +157,7 @@ def spied(monkeypatch):
 def test_augment_draws(spied):
     n = 9000
     augment(jax.random.PRNGKey(123), jnp.zeros((n, 1, 1, 1)))
-    assert [c[0] for c in spied] == ["flip", "crop", "rotate"]  # SPEC §2 order
+    assert [c[0] for c in spied] == ["flip", "crop", "rotate"]  # the order of semantics §2
     do_flip, offsets, degrees = (c[1] for c in spied)
     # flip with p = 0.5
     assert do_flip.shape == (n,) and do_flip.dtype == np.bool_

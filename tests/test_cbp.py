@@ -287,7 +287,7 @@ def test_one_step_selection_utilities_and_writes():
             fresh_rows = sorted(sets[i + 1])
             keep = [c for c in range(nxt.shape[-1]) if c not in sets[i + 1]]
             assert np.all(nxt[:, :, s][..., keep] == 0)
-            # SPEC §7 order of writes: (new row of i+1, replaced column of i) holds the new random value
+            # the order of writes of semantics §7: (new row of i+1, replaced column of i) holds the new random value
             assert np.all(nxt[:, :, s][..., fresh_rows] != 0)
         else:  # the pooled features feed the Linear layer: its rows are exactly zero
             assert layer.next_layer == ("fc",) and i == len(LAYERS) - 1

@@ -1,4 +1,4 @@
-"""Config: the reference's files, named errors, --set parsing and the step-size schedule (SPEC §1, §4)."""
+"""Config: the reference's files, named errors, --set parsing and the step-size schedule (semantics §1, §4)."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""Data: the SPEC §1 split on real CIFAR-100, the archive and download paths, the embedded subset."""
+"""Data: the split of semantics §1 on real CIFAR-100, the archive and download paths, the embedded subset."""
 
 import hashlib
 import io

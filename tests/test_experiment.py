@@ -1,4 +1,4 @@
-"""The smoke run end to end (SPEC §1, §5, §8), its determinism, and the command line."""
+"""The smoke run end to end (semantics §1, §5, §8), its determinism, and the command line."""
 
 import json
 import re
@@ -95,7 +95,7 @@ def test_smoke_snapshots_at_task_boundaries(smoke):
 
 
 def test_smoke_snapshot_is_the_best_validation_network(smoke):
-    # Early stopping (SPEC §5): the network saved at the end of task t is the one of that task's first epoch with
+    # Early stopping (semantics §5): the network saved at the end of task t is the one of that task's first epoch with
     # the highest validation accuracy (strictly greater replaces), BatchNorm statistics included, so evaluating it
     # again gives that epoch's validation accuracy AND loss (the loss tells the epochs' networks apart).
     cfg, exp_dir = smoke[("a", 0)]

@@ -1,4 +1,4 @@
-"""ResNet-18, CIFAR variant (SPEC §3, §7): shapes, parameter count, init law, padding, BatchNorm, feature maps."""
+"""ResNet-18, CIFAR variant (semantics §3, §7): shapes, parameter count, init law, padding, BatchNorm, feature maps."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Train state and steps (SPEC §1, §4, §5): masked loss, SGD semantics, the epoch, evaluation, early stopping."""
+"""Train state and steps (semantics §1, §4, §5): masked loss, SGD semantics, the epoch, evaluation, early stopping."""
 
 import dataclasses
 import logging
@@ -89,14 +89,14 @@ def test_class_order():
 
 
 # ---------------------------------------------------------------------------------------------
-# SGD per SPEC §4 on a tiny tree
+# SGD as in semantics §4, on a tiny tree
 
 
 def test_sgd_update_matches_pytorch_formula():
     cfg = make_config({"weight_decay": 0.01, "momentum": 0.9})
     tx = make_optimizer(cfg)
     rng = np.random.default_rng(1)
-    # leaf names of a BN layer and a bias: weight decay applies to every leaf (SPEC §4)
+    # leaf names of a BN layer and a bias: weight decay applies to every leaf (semantics §4)
     w0 = {"conv": {"kernel": rng.normal(size=(2, 3)), "bias": rng.normal(size=3)},
           "bn": {"scale": 1 + rng.normal(size=3), "bias": rng.normal(size=3)}}
     w0 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), w0)
@@ -280,7 +280,7 @@ def test_test_time_augmentation_quirk_is_keyed(evaluation):
 
 
 # ---------------------------------------------------------------------------------------------
-# early stopping (SPEC §5) on a hand-made state
+# early stopping (semantics §5) on a hand-made state
 
 
 def _state(seed):
