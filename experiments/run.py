@@ -8,7 +8,7 @@ import json
 import sys
 
 from lop_jax import cli
-from lop_jax.config import ConfigError, load_config
+from lop_jax.config import ConfigError, load_config, read_config_values
 from lop_jax.data import find_local_copy, load_data
 from lop_jax.errors import CommandFailed, Interrupted
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--import {module}: {err}") from None
     cfg = load_config(args.config, overrides)
     indices = cli.parse_indices(args.experiment_index)
-    if "num_workers" in json.loads(open(args.config).read()):
+    if read_config_values(args.config).get("num_workers"):
         print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
     from lop_jax.algorithms import active_methods
     from lop_jax.experiment import experiment_dir, make_plan, run_experiments

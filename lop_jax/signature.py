@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from lop_jax.config import ConfigError, make_config
+from lop_jax.errors import InputError
 
 BASE = "base_deep_learning_system"
 RETRAINED = "retrained_network"
@@ -71,7 +72,7 @@ BASE_RANK_DROP_MIN = 10.0  # % of the representation width, base system, first t
 CBP_RANK_CHANGE_MAX = 5.0  # % of CBP's own first-task stable rank
 MAX_RUN_MINUTES = 15.0  # wall time of every run
 
-# The paper's order at 100 classes (SPEC §10), best first; systems in one tuple are level (≈).
+# The paper's order at 100 classes (semantics §10), best first; systems in one tuple are level (≈).
 PAPER_ORDER = {
     "accuracy minus retrained (points)": ((RETRAINED, CBP), (SHRINK_PERTURB,), (HEAD_RESETTING,), (BASE,)),
     "dormant units (%)": ((CBP,), (SHRINK_PERTURB,), (HEAD_RESETTING,), (BASE,)),
@@ -80,7 +81,7 @@ PAPER_ORDER = {
 LOWER_IS_BETTER = {"dormant units (%)"}
 
 
-class SignatureError(ValueError):
+class SignatureError(InputError, ValueError):
     """The export cannot be judged (no finished run, a system missing); the message is one line."""
 
 
@@ -336,7 +337,7 @@ def _order_matches(values: dict[str, float], groups: tuple[tuple[str, ...], ...]
 
 def compare_with_paper(results_dir: str | Path) -> tuple[list[SystemValues], list[OrderCheck]]:
     """For information: the last-task values of the five systems (those exported) and whether their
-    order on each quantity matches the paper's at 100 classes (SPEC §10)."""
+    order on each quantity matches the paper's at 100 classes (semantics §10)."""
     systems = load_systems(results_dir)
     retrained_best = systems[RETRAINED].best_accuracy()
     rows = [_last_values(systems[name], retrained_best) for name in INFO_SYSTEMS if name in systems]
