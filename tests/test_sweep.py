@@ -64,7 +64,7 @@ def test_the_scaling_rules_arithmetic_for_each_key():
         assert steps_in_task(scaled, task) == 0.25 * steps_in_task(paper, task)
 
 
-SEARCH_CONFIGS = sorted((REPO_ROOT / "configs" / "scaled_search").glob("*/*.json"))
+SEARCH_CONFIGS = sorted(p for p in (REPO_ROOT / "configs" / "scaled_search").glob("*/*.json") if p.name != "scale.json")
 # the candidates tried before the scaling rule: CBP's rate and maturity were scaled by the step ratio already
 RULE_SCALED_CBP = {"p1_batch90", "p2_unscaled_decay", "p3_90_images", "p4_120_epochs"}
 
