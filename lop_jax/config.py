@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,13 +268,17 @@ def read_config_values(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[
     return values
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | Path | Sequence[str | Path] | None,
+                overrides: dict[str, Any] | None = None) -> Config:
     """Read a JSON config (the reference's files load unchanged; ``extends`` composes files) and apply
-    overrides. ``experiment_name`` defaults to the file's name."""
+    overrides. A list of files composes them in order, like an ``extends`` list (e.g. a system's
+    paper config, then a scale). ``experiment_name`` defaults to the (first) file's name."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     values: dict[str, Any] = {}
-    if path is not None:
-        values = read_config_values(path)
-        values.setdefault("experiment_name", Path(path).stem)
+    for p in paths:
+        values.update(read_config_values(p))
+    if paths:
+        values.setdefault("experiment_name", Path(paths[0]).stem)
     values.update(overrides or {})
     return make_config(values)
 

@@ -258,3 +258,23 @@ def test_bad_extends_is_a_one_line_error(tmp_path, extends, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(tmp_path / "a.json")
     assert "\n" not in str(err.value)
+
+
+def test_a_list_of_files_composes_a_system_with_a_scale():
+    composed = load_config([REPO_ROOT / "configs" / "continual_backpropagation.json",
+                            REPO_ROOT / "configs" / "scales" / "smoke.json"], {"results_dir": "r"})
+    paper = load_config(REPO_ROOT / "configs" / "continual_backpropagation.json")
+    smoke = load_config(REPO_ROOT / "configs" / "smoke.json")
+    assert composed.experiment_name == "continual_backpropagation"
+    assert (composed.use_cbp, composed.replacement_rate, composed.utility_function) == (True, 1e-5, "contribution")
+    assert (composed.num_tasks, composed.network_width, composed.data_source) == (smoke.num_tasks, smoke.network_width,
+                                                                                  "embedded")
+    assert composed.results_dir == "r" and paper.num_tasks == 20
+
+
+def test_smoke_and_quick_are_the_base_system_at_a_scale():
+    for name in ("smoke", "quick"):
+        cfg = load_config(REPO_ROOT / "configs" / f"{name}.json")
+        at_scale = load_config([REPO_ROOT / "configs" / "base_deep_learning_system.json",
+                                REPO_ROOT / "configs" / "scales" / f"{name}.json"], {"experiment_name": name})
+        assert cfg == at_scale

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from lop_jax.analysis import ANALYSIS_METRICS
-from lop_jax.config import ConfigError, load_config
+from lop_jax.config import ConfigError, load_config, read_config_values
 from lop_jax.data import load_data
 from lop_jax.scaling import STEP_SCALED_KEYS, scaled_step_values, step_ratio, steps_in_task
 from lop_jax.sweep import SYSTEMS, TIMING_FILE, draw_sweep, load_system_configs, per_task_summary, run_sweep
@@ -103,7 +103,7 @@ def test_scaled_protocol_fits_the_real_data_and_names_the_systems():
 
 def _tiny_configs(tmp_path):
     """The smoke config as two systems of a config folder (base and retrained)."""
-    smoke = json.loads((REPO_ROOT / "configs" / "smoke.json").read_text())
+    smoke = read_config_values(REPO_ROOT / "configs" / "smoke.json")
     folder = tmp_path / "configs"
     folder.mkdir()
     for name, extra in (("base_deep_learning_system", {}), ("retrained_network", {"reset_network": True})):
