@@ -1,0 +1,125 @@
+"""Golden smoke results: a refactoring must not change a single bit of what a run records.
+
+Each case is a paper config with the smoke protocol's sizes laid over it (as ``configs/smoke.json``
+sets them), run on the CPU and analysed; every array it leaves in its experiment directory
+(``<metric>/index-<N>.npy``, the analysis' included) must equal the one recorded in
+``tests/data/golden_smoke/<case>.npz``: same dtype, same shape, same bytes. The wall-clock arrays
+(``*_runtime``) are recorded zeroed and only their dtype and shape are compared. A missing golden
+file or array fails; nothing here is skipped except on an accelerator (the records are CPU ones).
+
+The cases: the five paper systems (index 0), CBP at a replacement rate that replaces units at this
+size (indices 0 and 1 vmapped together, so the run axis is exercised with two runs) and the base
+system with the epoch as one ``lax.scan`` (the accelerators' mode) instead of the CPU's loop.
+
+Re-record, only when a change of results is intended and explained in the commit:
+
+    python tests/test_golden.py --write
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).parents[1]
+GOLDEN_DIR = REPO_ROOT / "tests" / "data" / "golden_smoke"
+# the sizes of configs/smoke.json (written out, so that an edit of that file does not move the records)
+SMOKE_SCALE = {"data_source": "embedded", "num_tasks": 2, "classes_per_task": 5, "epochs_per_task": 2,
+               "train_images_per_class": 20, "val_images_per_class": 10, "test_images_per_class": 10,
+               "network_width": 4, "train_batch_size": 25, "test_batch_size": 25, "val_batch_size": 25,
+               "running_avg_window": 2, "epoch_mode": "loop"}
+# case → (paper config, overrides, run indices)
+CASES = {
+    "base_deep_learning_system": ("base_deep_learning_system", {}, [0]),
+    "continual_backpropagation": ("continual_backpropagation", {}, [0]),
+    "shrink_and_perturb": ("shrink_and_perturb", {}, [0]),
+    "head_resetting": ("head_resetting", {}, [0]),
+    "retrained_network": ("retrained_network", {}, [0]),
+    "cbp_high_rate": ("continual_backpropagation", {"replacement_rate": 0.05, "maturity_threshold": 2}, [0, 1]),
+    "base_scan_epochs": ("base_deep_learning_system", {"epoch_mode": "scan"}, [0]),
+}
+NOT_ARRAYS = ("checkpoints", "model_parameters", "run_status", "previous_runs")
+
+
+def run_case(case: str, root: Path) -> dict[str, np.ndarray]:
+    """Run and analyse one case under ``root``; every array it wrote, as ``<metric>/index-<N>``."""
+    from lop_jax.analysis import analyze_experiment
+    from lop_jax.config import load_config
+    from lop_jax.experiment import run_experiments
+
+    system, overrides, indices = CASES[case]
+    cfg = load_config(REPO_ROOT / "configs" / f"{system}.json",
+                      {**SMOKE_SCALE, **overrides, "experiment_name": case, "results_dir": str(root)})
+    run_experiments(cfg, indices, progress=False, log=lambda m: None)
+    exp_dir = root / case
+    analyze_experiment(exp_dir, progress=False, log=lambda m: None)
+    return {f"{p.parent.name}/{p.stem}": np.load(p) for p in sorted(exp_dir.glob("*/index-*.npy"))
+            if p.parent.name not in NOT_ARRAYS}
+
+
+def _recorded_form(name: str, array: np.ndarray) -> np.ndarray:
+    return np.zeros_like(array) if name.split("/")[0].endswith("_runtime") else array
+
+
+def _provenance() -> str:
+    return f"jax {jax.__version__}, numpy {np.__version__}, {jax.default_backend()}"
+
+
+def write_golden() -> None:
+    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in CASES:
+            arrays = run_case(case, Path(tmp))
+            np.savez_compressed(GOLDEN_DIR / f"{case}.npz", **{k: _recorded_form(k, v) for k, v in arrays.items()})
+            print(f"{case}: {len(arrays)} arrays")
+    (GOLDEN_DIR / "provenance.json").write_text(json.dumps({"recorded_with": _provenance()}, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_results_array_is_bit_identical_to_the_golden_record(case, tmp_path):
+    path = GOLDEN_DIR / f"{case}.npz"
+    assert path.is_file(), f"missing golden record {path}; record it with: python tests/test_golden.py --write"
+    with np.load(path) as f:
+        golden = {k: f[k] for k in f.files}
+    if jax.default_backend() != "cpu":
+        pytest.skip("the golden records are CPU results (an accelerator sums in other orders)")
+    got = run_case(case, tmp_path)
+    recorded = json.loads((GOLDEN_DIR / "provenance.json").read_text())["recorded_with"]
+    where = f"(recorded with {recorded}; this is {_provenance()})"
+    assert sorted(got) == sorted(golden), f"other arrays than recorded {where}"
+    for name, want in golden.items():
+        have = _recorded_form(name, got[name])
+        assert (have.dtype, have.shape) == (want.dtype, want.shape), f"{name}: dtype or shape changed {where}"
+        assert np.array_equal(have, want) and have.tobytes() == want.tobytes(), f"{name}: values changed {where}"
+
+
+def test_the_records_cover_what_they_are_meant_to():
+    """CBP at the high rate replaced units in every run; the paper rate replaced none at this size;
+    every case has the analysis; the vmapped case has both indices."""
+    def load(case):
+        with np.load(GOLDEN_DIR / f"{case}.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    for case, (_, _, indices) in CASES.items():
+        arrays = load(case)
+        for i in indices:
+            for metric in ("test_accuracy_per_epoch", "train_loss_per_checkpoint", "class_order",
+                           "next_task_dormant_units_analysis", "accuracy_per_class_in_order"):
+                assert f"{metric}/index-{i}" in arrays, (case, metric, i)
+    high = load("cbp_high_rate")
+    assert all(high[f"replaced_units_per_epoch/index-{i}"].sum() > 0 for i in (0, 1))
+    assert load("continual_backpropagation")["replaced_units_per_epoch/index-0"].sum() == 0
+    total = sum(p.stat().st_size for p in GOLDEN_DIR.iterdir())
+    assert total < 1_000_000, total
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_golden.py --write")
+    write_golden()
