@@ -49,6 +49,23 @@ def _cell(values: np.ndarray, fmt: str) -> str:
     return f"{fmt.format(values.mean())} ± {fmt.replace('+', '').format(se)}"
 
 
+def _end_of_task_training_accuracy(exp: Path, indices: list[int]) -> np.ndarray | None:
+    """Per run and task, the mean running training accuracy (augmented images, in %) over the
+    last tenth of the task's train summaries: whether a system fits its task."""
+    from lop_jax.config import make_config
+
+    summaries = _load(exp, "train_accuracy_per_checkpoint", indices)
+    if summaries is None:
+        return None
+    cfg = make_config(json.loads((exp / "config.json").read_text()))
+    per_task = [cfg.steps_per_epoch(t) // cfg.running_avg_window * cfg.epochs_per_task for t in range(cfg.num_tasks)]
+    if summaries.shape[1] != sum(per_task) or min(per_task) < 1:
+        return None
+    ends = np.cumsum(per_task)
+    tails = [summaries[:, e - max(1, k // 10):e].mean(axis=1) for e, k in zip(ends, per_task, strict=True)]
+    return np.stack(tails, axis=1) * 100
+
+
 def candidate_table(results: Path, timing: dict) -> str:
     """One markdown table: a row per (system, quantity), a column per task; mean ± standard error
     over the run indices a system has (the row label says how many)."""
@@ -77,6 +94,11 @@ def candidate_table(results: Path, timing: dict) -> str:
             diff = np.stack([best[s][runs[s].index(i)] - best[ref][runs[ref].index(i)] for i in common])
             rows.append(f"| {s} (n={len(common)}): minus retrained, same seed (points) | "
                         + " | ".join(_cell(diff[:, t], "{:+.1f}") for t in range(tasks)) + " |")
+    for s in systems:
+        fit = _end_of_task_training_accuracy(results / s, runs[s])
+        if fit is not None:
+            rows.append(f"| {s}{n[s]}: running training accuracy, last tenth of the task (%) | "
+                        + " | ".join(_cell(fit[:, t], "{:.0f}") for t in range(tasks)) + " |")
     for s in systems:
         for metric, name, fmt in (("next_task_dormant_units_analysis", "dormant units (%)", "{:.2f}"),
                                   ("next_task_stable_rank_analysis", "stable rank (of 64)", "{:.0f}"),
