@@ -49,13 +49,15 @@ def benchmark(cfg: Config, indices: list[int], data: CifarData, steps: int, repe
     import jax
     import jax.numpy as jnp
 
+    from lop_jax.run_axis import stack_states
     from lop_jax.train import (
         class_order_for,
+        eval_key,
         init_state,
         make_evaluate,
         make_train_epoch,
         resolve_epoch_mode,
-        stack_states,
+        task_data,
     )
 
     s = len(indices)
@@ -66,12 +68,14 @@ def benchmark(cfg: Config, indices: list[int], data: CifarData, steps: int, repe
     task = next((t for t in range(cfg.num_tasks) if cfg.steps_per_epoch(t) >= steps), cfg.num_tasks - 1)
     n_active = cfg.active_classes(task)
     epoch_steps = cfg.steps_per_epoch(task)
-    train_epoch = make_train_epoch(cfg, batched=True)
-    evaluate = make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test, batched=True)
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(state.key)
+    train_epoch = make_train_epoch(cfg)
+    evaluate = make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test)
+    keys = eval_key(state, 0)
+    train_data = task_data(train_x, order, n_active)
+    test_data = train_data._replace(images=test_x)
 
     def run_train(state, epoch):
-        out = train_epoch(state, train_x, order, jnp.float32(0.1), jnp.int32(epoch), n_active=n_active)
+        out = train_epoch(state, train_data, jnp.float32(0.1), jnp.int32(epoch), n_active=n_active)
         jax.block_until_ready(out)
         return out[0]
 
@@ -84,12 +88,12 @@ def benchmark(cfg: Config, indices: list[int], data: CifarData, steps: int, repe
         state = run_train(state, r + 1)
         train_times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    jax.block_until_ready(evaluate(state.params, state.batch_stats, test_x, order, keys, n_active=n_active))
+    jax.block_until_ready(evaluate(state.params, state.batch_stats, test_data, keys, n_active=n_active))
     first_eval = time.perf_counter() - t0
     eval_times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(evaluate(state.params, state.batch_stats, test_x, order, keys, n_active=n_active))
+        jax.block_until_ready(evaluate(state.params, state.batch_stats, test_data, keys, n_active=n_active))
         eval_times.append(time.perf_counter() - t0)
     train_time, eval_time = min(train_times), min(eval_times)
     train_ips = s * epoch_steps * cfg.train_batch_size / train_time

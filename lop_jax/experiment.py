@@ -28,19 +28,19 @@ from lop_jax.config import Config, ConfigError, config_diff, make_config
 from lop_jax.data import CifarData, load_data
 from lop_jax.errors import CommandFailed, Interrupted
 from lop_jax.model import count_params, feature_layers
+from lop_jax.run_axis import seed_sharding, stack_states, unstack_state
 from lop_jax.train import (
     NUM_FEATURE_LAYERS,
     class_order_for,
-    end_task_batched,
+    end_task,
     eval_key,
     init_state,
     make_evaluate,
     make_model,
     make_train_epoch,
-    stack_states,
     task_boundary_reset,
-    unstack_state,
-    update_best_batched,
+    task_data,
+    update_best,
 )
 
 # Keys that may differ between runs sharing one experiment directory (they change no result).
@@ -214,16 +214,6 @@ def run_experiment(cfg: Config, index: int, data: CifarData | None = None, verbo
     return run_experiments(cfg, [index], data, verbose, progress, log, restart, stop_after_epoch)[0]
 
 
-def seed_sharding(num_runs: int) -> jax.sharding.Sharding | None:
-    """Shard the run axis over the visible devices (a 1-D mesh) when there are several and they
-    divide the number of runs; None otherwise (one device holds every run)."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_runs % len(devices):
-        return None
-    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
-
-
 def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = None, verbose: bool = False,
                     progress: bool = True, log: Callable[[str], None] = print, restart: bool = False,
                     stop_after_epoch: int | None = None) -> list[res.RunResults]:
@@ -298,22 +288,22 @@ def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, resu
                 class_order: jax.Array, images: tuple[jax.Array, jax.Array, jax.Array],
                 stop_after_epoch: int | None) -> None:
     train_x, val_x, test_x = images
-    train_epoch = make_train_epoch(cfg, batched=True)
-    eval_test = make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test, batched=True)
-    eval_val = make_evaluate(cfg, cfg.val_batch_size, False, batched=True)
+    train_epoch = make_train_epoch(cfg)
+    eval_test = make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test)
+    eval_val = make_evaluate(cfg, cfg.val_batch_size, False)
     last_saved = start
     with _StopRequest(report) as stop:
         for epoch in range(start, cfg.num_epochs):
             task = epoch // cfg.epochs_per_task
             n_active = cfg.active_classes(task)
             lr = jnp.float32(cfg.stepsize_at(epoch))
+            data = task_data(train_x, class_order, n_active)
             t0 = time.perf_counter()
-            state, losses, accs, replaced = train_epoch(state, train_x, class_order, lr, jnp.int32(epoch),
-                                                        n_active=n_active)
+            state, losses, accs, replaced = train_epoch(state, data, lr, jnp.int32(epoch), n_active=n_active)
             losses, accs, replaced = jax.device_get((losses, accs, replaced))
             epoch_time = time.perf_counter() - t0
             for k, index in enumerate(indices):
-                bad = np.flatnonzero(~np.isfinite(losses[:, k]))
+                bad = np.flatnonzero(~np.isfinite(losses[k]))
                 if bad.size:
                     for ckpt in ckpts:
                         ckpt.wait()
@@ -321,16 +311,17 @@ def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, resu
                                    f"(index {index}); stopped without saving it, the last good checkpoint "
                                    f"(after epoch {last_saved}) is kept in {ckpts[k].path}")
             for k in range(len(indices)):
-                _record_train_summaries(results[k], running[k], losses[:, k], accs[:, k],
+                _record_train_summaries(results[k], running[k], losses[k], accs[k],
                                         cfg.running_avg_window, report)
 
             t0 = time.perf_counter()
-            test_loss, test_acc = jax.device_get(eval_test(state.params, state.batch_stats, test_x, class_order,
-                                                           eval_key(state, epoch), n_active=n_active))
+            test_loss, test_acc = jax.device_get(eval_test(state.params, state.batch_stats,
+                                                           data._replace(images=test_x), eval_key(state, epoch),
+                                                           n_active=n_active))
             t1 = time.perf_counter()
-            val_loss, val_acc = eval_val(state.params, state.batch_stats, val_x, class_order,
+            val_loss, val_acc = eval_val(state.params, state.batch_stats, data._replace(images=val_x),
                                          eval_key(state, epoch), n_active=n_active)
-            state = update_best_batched(state, val_acc)
+            state = update_best(state, val_acc)
             val_loss, val_acc = jax.device_get((val_loss, val_acc))
             t2 = time.perf_counter()
 
@@ -348,12 +339,12 @@ def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, resu
             done = epoch + 1
             task_end = done % cfg.epochs_per_task == 0
             if task_end:
-                state = end_task_batched(state, restore=cfg.early_stopping)
+                state = end_task(state, restore=cfg.early_stopping)
                 for k, index in enumerate(indices):
                     run = unstack_state(state, k)
                     res.save_snapshot(exp_dir, index, done, run.params, run.batch_stats)
                 if task + 1 < cfg.num_tasks:
-                    state = task_boundary_reset(cfg, state, task, batched=True)
+                    state = task_boundary_reset(cfg, state, task)
                     report.message(f"task {task + 1} done: {cfg.active_classes(task + 1)} classes from now on")
             stopping = stop.requested or (stop_after_epoch is not None and done >= stop_after_epoch)
             every = cfg.checkpoint_every_epochs

@@ -1,5 +1,11 @@
 """Train state and the pure, jitted epoch and evaluation functions (semantics §1, §4, §5).
 
+Written for one run, mapped once over runs: every function is defined for a single run and
+compiled as ``jit(vmap(...))`` over runs stacked along a leading axis (``lop_jax.run_axis``); a
+single run is a stack of one, so there is one path. A task's data travels as a ``TaskData``
+(the images, shared by the runs; each run's class order and active-class mask), and the mapping
+names its fields (``RUN_AXES``), not positions.
+
 The train step is one pure function: the images live on the device, the shuffle and the
 augmentation run there from JAX keys, and the optimiser step and the plasticity algorithm's
 per-step hook are fused into it. An epoch is either one compiled ``lax.scan`` over the steps
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -102,10 +108,27 @@ def _gather(images: jax.Array, class_order: jax.Array, idx: jax.Array) -> tuple[
     return images[labels, idx % per_class], labels
 
 
+class TaskData(NamedTuple):
+    """What an epoch or an evaluation of one run reads during a task."""
+
+    images: jax.Array  # [K, n, 32, 32, 3] uint8: every class's images, shared by the runs
+    class_order: jax.Array  # [K]: the run's class order
+    mask: jax.Array  # [100] bool: the task's active classes (the first ones of the order)
+
+
+# how stacked runs hold a TaskData: one copy of the images, a class order and a mask per run
+RUN_AXES = TaskData(images=None, class_order=0, mask=0)
+
+
+def task_data(images: jax.Array, class_orders: jax.Array, n_active: int) -> TaskData:
+    """The TaskData of stacked runs (class orders [S, K]) during a task of ``n_active`` classes."""
+    return TaskData(images, class_orders, jax.vmap(active_mask, in_axes=(0, None))(class_orders, n_active))
+
+
 def make_train_step(cfg: Config) -> Callable:
-    """The pure train step: ``(state, images, class_order, mask, idx, key, lr) →
-    (state, loss, accuracy, replaced_per_layer)``: gather the batch ``idx``, augment it, take the
-    SGD step (semantics §4) and run the plasticity algorithm's per-step hook."""
+    """The pure train step of one run: ``(state, data, idx, key, lr) → (state, loss, accuracy,
+    replaced_per_layer)``: gather the batch ``idx`` of ``data``, augment it, take the SGD step
+    (semantics §4) and run the plasticity algorithm's per-step hook."""
     model = make_model(cfg)
     tx = make_optimizer(cfg)
     use_features = algorithms.needs_features(cfg)
@@ -119,11 +142,11 @@ def make_train_step(cfg: Config) -> Callable:
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(st: TrainState, images, class_order, mask, idx, key, lr):
+    def train_step(st: TrainState, data: TaskData, idx, key, lr):
         k_aug, k_algo = jax.random.split(key)
-        raw, labels = _gather(images, class_order, idx)
+        raw, labels = _gather(data.images, data.class_order, idx)
         x = augment(k_aug, normalize(raw))
-        (loss, (acc, feats, new_bs)), grads = grad_fn(st.params, st.batch_stats, x, labels, mask)
+        (loss, (acc, feats, new_bs)), grads = grad_fn(st.params, st.batch_stats, x, labels, data.mask)
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
         params = jax.tree_util.tree_map(lambda p, u: p - lr * u, st.params, updates)
         params, new_bs, opt_state, algo_state, replaced = algorithms.after_step(
@@ -140,18 +163,17 @@ def _epoch_keys(root: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array
 
 
 def _batches(root: jax.Array, epoch: jax.Array, n_images: int, batch: int) -> jax.Array:
+    """One run's reshuffled batches of flat image indices for the epoch, [steps, batch] (full
+    batches only)."""
     shuffle_key, _ = _epoch_keys(root, epoch)
     steps = n_images // batch
     return jax.random.permutation(shuffle_key, n_images)[: steps * batch].reshape(steps, batch)
 
 
 @partial(jax.jit, static_argnames=("n_images", "batch"))
-def epoch_batches(root: jax.Array, epoch: jax.Array, n_images: int, batch: int) -> jax.Array:
-    """The epoch's reshuffled batches of flat image indices, [steps, batch] (full batches only);
-    with a batch of root keys [S, 2], one shuffle per run: [S, steps, batch]."""
-    if root.ndim == 2:
-        return jax.vmap(lambda r: _batches(r, epoch, n_images, batch))(root)
-    return _batches(root, epoch, n_images, batch)
+def epoch_batches(roots: jax.Array, epoch: jax.Array, n_images: int, batch: int) -> jax.Array:
+    """Every run's batches for the epoch from the root keys [S, 2]: [S, steps, batch]."""
+    return jax.vmap(lambda root: _batches(root, epoch, n_images, batch))(roots)
 
 
 def _step_key(root: jax.Array, epoch: jax.Array, step: jax.Array) -> jax.Array:
@@ -171,79 +193,69 @@ def _donate() -> tuple[int, ...]:
     return (0,) if jax.default_backend() != "cpu" else ()
 
 
-def make_train_epoch(cfg: Config, batched: bool = False) -> Callable:
-    """Build the epoch: ``(state, images, class_order, lr, epoch, n_active) →
-    (state, step_losses, step_accuracies, replaced_per_layer)``.
+def make_train_epoch(cfg: Config) -> Callable:
+    """Build the epoch of stacked runs: ``(state, data, lr, epoch, n_active) → (state,
+    step_losses [S, steps], step_accuracies [S, steps], replaced_per_layer [S, 17])``, ``data``
+    the runs' ``TaskData`` of the training images.
 
-    Both modes run the same step with the same keys; ``scan`` compiles the epoch into one
-    program (once per task), ``loop`` dispatches the jitted step per batch (compiled once per
-    run) with no host sync inside. With ``batched``, the state and class order carry a leading
-    run axis (several seeds in one program, ``jax.vmap``); losses are then [steps, S]."""
-    step_fn = make_train_step(cfg)
-    if batched:
-        step_fn = jax.vmap(step_fn, in_axes=(0, None, 0, 0, 0, 0, None))
-    step_key = jax.vmap(_step_key, in_axes=(0, None, None)) if batched else _step_key
-    mask_fn = jax.vmap(active_mask, in_axes=(0, None)) if batched else active_mask
+    Both modes run the same step with the same keys: ``scan`` compiles one run's whole epoch
+    (its shuffle, then a ``lax.scan`` over its steps), mapped over the runs, into one program
+    (once per task); ``loop`` shuffles, then dispatches the mapped step per batch (compiled once
+    per run) with no host sync inside."""
+    train_step = make_train_step(cfg)
     batch = cfg.train_batch_size
-    mode = resolve_epoch_mode(cfg.epoch_mode)
 
-    def select(batches: jax.Array, step: jax.Array | int) -> jax.Array:
-        return batches[:, step] if batched else batches[step]
+    def run_step(st, data, idx, epoch, step, lr):
+        return train_step(st, data, idx, _step_key(st.key, epoch, step), lr)
 
-    if mode == "scan":
-        def scan_epoch(state, images, class_order, lr, epoch, n_active: int):
-            batches = epoch_batches(state.key, epoch, n_active * images.shape[1], batch)
-            mask = mask_fn(class_order, n_active)
-            steps = batches.shape[1] if batched else batches.shape[0]
+    if resolve_epoch_mode(cfg.epoch_mode) == "scan":
+        def one_epoch(st, data, lr, epoch, n_active: int):
+            batches = _batches(st.key, epoch, n_active * data.images.shape[1], batch)
 
             def body(st, step):
-                st, loss, acc, replaced = step_fn(st, images, class_order, mask, select(batches, step),
-                                                  step_key(st.key, epoch, step), lr)
+                st, loss, acc, replaced = run_step(st, data, batches[step], epoch, step, lr)
                 return st, (loss, acc, replaced)
 
-            state, (losses, accs, replaced) = jax.lax.scan(body, state, jnp.arange(steps))
-            return state, losses, accs, jnp.sum(replaced, axis=0)
+            st, (losses, accs, replaced) = jax.lax.scan(body, st, jnp.arange(batches.shape[0]))
+            return st, losses, accs, jnp.sum(replaced, axis=0)
 
-        return jax.jit(scan_epoch, static_argnames=("n_active",), donate_argnums=_donate())
+        @partial(jax.jit, static_argnames=("n_active",), donate_argnums=_donate())
+        def scan_epoch(state, data, lr, epoch, n_active: int):
+            runs = jax.vmap(partial(one_epoch, n_active=n_active), in_axes=(0, RUN_AXES, None, None))
+            return runs(state, data, lr, epoch)
 
-    @partial(jax.jit, donate_argnums=_donate())
-    def jit_step(st, images, class_order, mask, idx, epoch, step, lr):
-        return step_fn(st, images, class_order, mask, idx, step_key(st.key, epoch, step), lr)
+        return scan_epoch
 
-    def loop_epoch(state, images, class_order, lr, epoch, n_active: int):
-        batches = epoch_batches(state.key, epoch, n_active * images.shape[1], batch)
-        mask = mask_fn(class_order, n_active)
-        steps = batches.shape[1] if batched else batches.shape[0]
+    steps_of_runs = jax.jit(jax.vmap(run_step, in_axes=(0, RUN_AXES, 0, None, None, None)),
+                            donate_argnums=_donate())
+
+    def loop_epoch(state, data, lr, epoch, n_active: int):
+        batches = epoch_batches(state.key, epoch, n_active * data.images.shape[1], batch)
         losses, accs, replaced = [], [], []
-        for step in range(steps):
-            state, loss, acc, rep = jit_step(state, images, class_order, mask, select(batches, step), epoch,
-                                             jnp.int32(step), lr)
+        for step in range(batches.shape[1]):
+            state, loss, acc, rep = steps_of_runs(state, data, batches[:, step], epoch, jnp.int32(step), lr)
             losses.append(loss)
             accs.append(acc)
             replaced.append(rep)
-        return state, jnp.stack(losses), jnp.stack(accs), jnp.sum(jnp.stack(replaced), axis=0)
+        return state, jnp.stack(losses, axis=1), jnp.stack(accs, axis=1), jnp.sum(jnp.stack(replaced), axis=0)
 
     return loop_epoch
 
 
-def make_evaluate(cfg: Config, batch: int, augment_images: bool, batched: bool = False) -> Callable:
-    """Build the evaluation: ``(params, batch_stats, images, class_order, key, n_active) →
-    (loss, accuracy)``, network in evaluation mode, mean over batches of the per-batch means
-    (the reference's averaging, which weights a partial last batch like a full one). With
-    ``batched``, params, batch_stats, class_order and key carry a leading run axis."""
+def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
+    """Build the evaluation of stacked runs: ``(params, batch_stats, data, key, n_active) →
+    (loss [S], accuracy [S])``, network in evaluation mode, per run the mean over batches of the
+    per-batch means (the reference's averaging, which weights a partial last batch like a full
+    one). ``key`` (one per run) draws the test-time augmentation when ``augment_images``."""
     model = make_model(cfg)
 
-    def batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w, key, b):
-        raw, labels = _gather(images, class_order, b_idx)
+    def batch_metrics(params, batch_stats, data, b_idx, w, key, b):
+        raw, labels = _gather(data.images, data.class_order, b_idx)
         x = normalize(raw)
         if augment_images:
             x = augment(jax.random.fold_in(key, b), x)
         logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-        return masked_loss_and_accuracy(logits, labels, mask, w)
-
-    if batched:
-        batch_metrics = jax.vmap(batch_metrics, in_axes=(0, 0, None, 0, 0, None, None, 0, None))
-    mask_fn = jax.vmap(active_mask, in_axes=(0, None)) if batched else active_mask
+        return masked_loss_and_accuracy(logits, labels, data.mask, w)
 
     def batches(n: int) -> tuple[jax.Array, jax.Array]:
         nb = -(-n // batch)
@@ -252,25 +264,28 @@ def make_evaluate(cfg: Config, batch: int, augment_images: bool, batched: bool =
         return jnp.minimum(idx, n - 1).reshape(nb, batch), weights
 
     if resolve_epoch_mode(cfg.epoch_mode) == "scan":
-        def evaluate(params, batch_stats, images, class_order, key, n_active: int):
-            idx, weights = batches(n_active * images.shape[1])
-            mask = mask_fn(class_order, n_active)
+        def one_run(params, batch_stats, data, key, n_active: int):
+            idx, weights = batches(n_active * data.images.shape[1])
 
             def body(carry, xs):
                 b_idx, w, b = xs
-                return carry, batch_metrics(params, batch_stats, images, class_order, mask, b_idx, w, key, b)
+                return carry, batch_metrics(params, batch_stats, data, b_idx, w, key, b)
 
             _, (losses, accs) = jax.lax.scan(body, None, (idx, weights, jnp.arange(idx.shape[0])))
-            return jnp.mean(losses, axis=0), jnp.mean(accs, axis=0)
+            return jnp.mean(losses), jnp.mean(accs)
 
-        return jax.jit(evaluate, static_argnames=("n_active",))
+        @partial(jax.jit, static_argnames=("n_active",))
+        def evaluate(params, batch_stats, data, key, n_active: int):
+            runs = jax.vmap(partial(one_run, n_active=n_active), in_axes=(0, 0, RUN_AXES, 0))
+            return runs(params, batch_stats, data, key)
 
-    jit_batch = jax.jit(batch_metrics)
+        return evaluate
 
-    def evaluate_loop(params, batch_stats, images, class_order, key, n_active: int):
-        idx, weights = batches(n_active * images.shape[1])
-        mask = mask_fn(class_order, n_active)
-        out = [jit_batch(params, batch_stats, images, class_order, mask, idx[b], weights[b], key, jnp.int32(b))
+    batch_of_runs = jax.jit(jax.vmap(batch_metrics, in_axes=(0, 0, RUN_AXES, None, None, 0, None)))
+
+    def evaluate_loop(params, batch_stats, data, key, n_active: int):
+        idx, weights = batches(n_active * data.images.shape[1])
+        out = [batch_of_runs(params, batch_stats, data, idx[b], weights[b], key, jnp.int32(b))
                for b in range(idx.shape[0])]
         return jnp.mean(jnp.stack([o[0] for o in out]), axis=0), jnp.mean(jnp.stack([o[1] for o in out]), axis=0)
 
@@ -286,9 +301,9 @@ def _update_best(state: TrainState, val_acc: jax.Array) -> TrainState:
                          has_best=state.has_best | better)
 
 
-update_best = jax.jit(_update_best)
-update_best.__doc__ = "Keep a copy of the network when validation accuracy strictly improves (semantics §5)."
-update_best_batched = jax.jit(jax.vmap(_update_best))
+update_best = jax.jit(jax.vmap(_update_best))
+update_best.__doc__ = """Per run, keep a copy of the network when its validation accuracy (one per run)
+strictly improves (semantics §5)."""
 
 
 def _end_task(state: TrainState, restore: bool) -> TrainState:
@@ -299,13 +314,12 @@ def _end_task(state: TrainState, restore: bool) -> TrainState:
     return state.replace(best_acc=jnp.zeros_like(state.best_acc), has_best=jnp.zeros_like(state.has_best))
 
 
-end_task = jax.jit(_end_task, static_argnames=("restore",))
-end_task.__doc__ = """Task boundary: restore the best-validation network if early stopping (parameters and
-BatchNorm statistics, not the optimiser or algorithm state), then clear the copy. If validation
-accuracy never rose above 0 in the task the reference would crash; here the network is kept."""
 @partial(jax.jit, static_argnames=("restore",))
-def end_task_batched(state: TrainState, restore: bool) -> TrainState:
-    """``end_task`` for a batch of runs (leading run axis)."""
+def end_task(state: TrainState, restore: bool) -> TrainState:
+    """Task boundary, per run: restore the best-validation network if early stopping (parameters
+    and BatchNorm statistics, not the optimiser or algorithm state), then clear the copy. If
+    validation accuracy never rose above 0 in the task the reference would crash; here the network
+    is kept."""
     return jax.vmap(partial(_end_task, restore=restore))(state)
 
 
@@ -315,25 +329,11 @@ def _boundary_reset(cfg: Config, state: TrainState, task: jax.Array) -> TrainSta
     return state.replace(params=params, batch_stats=batch_stats)
 
 
-def task_boundary_reset(cfg: Config, state: TrainState, task: int, batched: bool = False) -> TrainState:
-    """Apply the algorithm's task-boundary hook (head/network reset) before task ``task + 1``."""
-    fn = partial(_boundary_reset, cfg)
-    if batched:
-        fn = jax.vmap(fn, in_axes=(0, None))
-    return jax.jit(fn)(state, jnp.int32(task))
+def task_boundary_reset(cfg: Config, state: TrainState, task: int) -> TrainState:
+    """Apply the algorithm's task-boundary hook (head/network reset) to every run before task ``task + 1``."""
+    return jax.jit(jax.vmap(partial(_boundary_reset, cfg), in_axes=(0, None)))(state, jnp.int32(task))
 
 
 def eval_key(state: TrainState, epoch: int) -> jax.Array:
-    """Key for the test-time augmentation quirk at ``epoch`` (one per run when batched)."""
-    fn = lambda k: jax.random.fold_in(jax.random.fold_in(k, STREAM_EVAL), epoch)  # noqa: E731
-    return jax.vmap(fn)(state.key) if state.key.ndim == 2 else fn(state.key)
-
-
-def stack_states(states: list[Any]) -> Any:
-    """Stack per-run pytrees along a new leading run axis."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
-
-
-def unstack_state(tree: Any, i: int) -> Any:
-    """Run ``i`` of a stacked pytree."""
-    return jax.tree_util.tree_map(lambda x: x[i], tree)
+    """Per run, the key of the test-time augmentation quirk at ``epoch`` ([S, 2])."""
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, STREAM_EVAL), epoch))(state.key)

@@ -15,7 +15,8 @@ from lop_jax.data import load_data
 from lop_jax.experiment import make_plan, read_config, run_experiment, write_config
 from lop_jax.model import ResNet18, count_params, init_model
 from lop_jax.results import load_snapshot
-from lop_jax.train import make_evaluate
+from lop_jax.run_axis import stack_states
+from lop_jax.train import make_evaluate, task_data
 
 SMOKE = REPO_ROOT / "configs" / "smoke.json"
 EPOCH_METRICS = ("test_loss_per_epoch", "test_accuracy_per_epoch", "test_evaluation_runtime",
@@ -109,9 +110,10 @@ def test_smoke_snapshot_is_the_best_validation_network(smoke):
         if accs.max() == 0:
             continue  # no copy was ever kept in this task; nothing to compare
         best = task * e + int(np.argmax(accs))  # the first epoch reaching the maximum
-        params, stats = load_snapshot(exp_dir, 0, (task + 1) * e)
-        loss, acc = evaluate(params, stats, jnp.asarray(data.val), jnp.asarray(a["class_order"]),
-                             jax.random.PRNGKey(0), n_active=cfg.active_classes(task))
+        params, stats = stack_states([load_snapshot(exp_dir, 0, (task + 1) * e)])  # the run as a stack of one
+        val = task_data(jnp.asarray(data.val), jnp.asarray(a["class_order"])[None], cfg.active_classes(task))
+        loss, acc = (v[0] for v in evaluate(params, stats, val, jax.random.PRNGKey(0)[None],
+                                            n_active=cfg.active_classes(task)))
         assert np.float32(acc) == a["validation_accuracy_per_epoch"][best], task
         assert float(loss) == pytest.approx(float(a["validation_loss_per_epoch"][best]), rel=1e-5), task
         others = [ep for ep in range(task * e, (task + 1) * e) if ep != best]

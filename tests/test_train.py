@@ -1,4 +1,8 @@
-"""Train state and steps (semantics §1, §4, §5): masked loss, SGD semantics, the epoch, evaluation, early stopping."""
+"""Train state and steps (semantics §1, §4, §5): masked loss, SGD semantics, the epoch, evaluation, early stopping.
+
+Every compiled function maps over stacked runs; the tests call them as a run does, with its run on the run
+axis (a stack of one).
+"""
 
 import dataclasses
 import logging
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 
 from lop_jax.config import make_config
+from lop_jax.run_axis import stack_states, unstack_state
 from lop_jax.train import (
     TrainState,
     active_mask,
@@ -22,6 +27,7 @@ from lop_jax.train import (
     make_train_epoch,
     masked_loss_and_accuracy,
     resolve_epoch_mode,
+    task_data,
     update_best,
 )
 
@@ -34,6 +40,11 @@ K = 10  # classes in the tiny synthetic data set
 
 def _tree_equal(a, b):
     return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def _one(tree):
+    """The only run of a stack of one."""
+    return unstack_state(tree, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,12 +153,12 @@ def tiny():
     train = rng.integers(0, 256, (K, 4, 32, 32, 3), dtype=np.uint8)
     test = rng.integers(0, 256, (K, 3, 32, 32, 3), dtype=np.uint8)
     order = jnp.asarray(rng.permutation(K))
-    state = init_state(CFG, 0)
+    state = stack_states([init_state(CFG, 0)])
+    data = task_data(jnp.asarray(train), order[None], 2)
     epoch_fn = make_train_epoch(CFG)
-    after, losses, accs, replaced = epoch_fn(state, jnp.asarray(train), order, jnp.float32(0.05), jnp.int32(0),
-                                             n_active=2)
-    return {"train": train, "test": test, "order": order, "state": state, "epoch_fn": epoch_fn,
-            "after": after, "losses": np.asarray(losses), "accs": np.asarray(accs), "replaced": replaced}
+    after, losses, accs, replaced = epoch_fn(state, data, jnp.float32(0.05), jnp.int32(0), n_active=2)
+    return {"train": train, "test": test, "order": order, "state": state, "data": data, "epoch_fn": epoch_fn,
+            "after": after, "losses": np.asarray(losses)[0], "accs": np.asarray(accs)[0], "replaced": replaced}
 
 
 def _momentum(opt_state, params):
@@ -160,7 +171,7 @@ def _momentum(opt_state, params):
 
 
 def test_epoch_applies_sgd_step_with_the_given_lr(tiny):
-    s0, s1 = tiny["state"], tiny["after"]
+    s0, s1 = _one(tiny["state"]), _one(tiny["after"])
     assert tiny["losses"].shape == (1,) and tiny["accs"].shape == (1,)  # 2 classes × 4 images / batch 8
     assert np.isfinite(tiny["losses"]).all() and 0 <= tiny["accs"][0] <= 1
     buf = _momentum(s1.opt_state, s1.params)
@@ -180,39 +191,38 @@ def test_epoch_applies_sgd_step_with_the_given_lr(tiny):
 
 
 def test_epoch_is_deterministic_and_depends_on_epoch_lr_and_order(tiny):
-    fn, s0 = tiny["epoch_fn"], tiny["state"]
-    train, order = jnp.asarray(tiny["train"]), tiny["order"]
-    again = fn(s0, train, order, jnp.float32(0.05), jnp.int32(0), n_active=2)
+    fn, s0, data = tiny["epoch_fn"], tiny["state"], tiny["data"]
+    again = fn(s0, data, jnp.float32(0.05), jnp.int32(0), n_active=2)
     assert _tree_equal(again[0].params, tiny["after"].params)
-    np.testing.assert_array_equal(np.asarray(again[1]), tiny["losses"])
-    other_epoch = fn(s0, train, order, jnp.float32(0.05), jnp.int32(1), n_active=2)
+    np.testing.assert_array_equal(np.asarray(again[1])[0], tiny["losses"])
+    other_epoch = fn(s0, data, jnp.float32(0.05), jnp.int32(1), n_active=2)
     assert not _tree_equal(other_epoch[0].params, tiny["after"].params)  # reshuffle and new augmentation
-    other_lr = fn(s0, train, order, jnp.float32(0.02), jnp.int32(0), n_active=2)
+    other_lr = fn(s0, data, jnp.float32(0.02), jnp.int32(0), n_active=2)
     assert not _tree_equal(other_lr[0].params, tiny["after"].params)
-    other_order = fn(s0, train, jnp.roll(order, 3), jnp.float32(0.05), jnp.int32(0), n_active=2)
+    other_order = task_data(data.images, jnp.roll(tiny["order"], 3)[None], 2)
+    other_order = fn(s0, other_order, jnp.float32(0.05), jnp.int32(0), n_active=2)
     assert not _tree_equal(other_order[0].params, tiny["after"].params)
 
 
 def _network_programs_compiled(caplog):
-    """Compilations of programs that take the network's parameters (the stem kernel at width 2)."""
+    """Compilations of programs that take the network's parameters (the stem kernel of one run at width 2)."""
     return [r.getMessage()[:120] for r in caplog.records
-            if "Compiling" in r.getMessage() and "float32[3,3,3,2]" in r.getMessage()]
+            if "Compiling" in r.getMessage() and "float32[1,3,3,3,2]" in r.getMessage()]
 
 
 def test_new_lr_epoch_order_and_task_do_not_recompile_the_step(tiny, caplog):
-    fn, s0 = tiny["epoch_fn"], tiny["state"]
-    train = jnp.asarray(tiny["train"])
+    fn, s0, images = tiny["epoch_fn"], tiny["state"], tiny["data"].images
     caplog.set_level(logging.WARNING)
     with jax.log_compiles(True):
         jax.jit(lambda p: p["stem_conv"]["kernel"] * 2)(s0.params)  # a fresh program: the capture works
         assert len(_network_programs_compiled(caplog)) == 1
         caplog.clear()
-        fn(s0, train, jnp.roll(tiny["order"], 1), jnp.float32(0.004), jnp.int32(7), n_active=2)
+        fn(s0, task_data(images, jnp.roll(tiny["order"], 1)[None], 2), jnp.float32(0.004), jnp.int32(7), n_active=2)
         assert _network_programs_compiled(caplog) == []
         if resolve_epoch_mode(CFG.epoch_mode) == "loop":
             # the active classes are a mask (data): a new task changes no compiled step on the CPU
-            out = fn(s0, train, tiny["order"], jnp.float32(0.1), jnp.int32(1), n_active=4)
-            assert out[1].shape == (2,)  # 4 classes × 4 images / batch 8
+            out = fn(s0, task_data(images, tiny["order"][None], 4), jnp.float32(0.1), jnp.int32(1), n_active=4)
+            assert out[1].shape == (1, 2)  # 4 classes × 4 images / batch 8
             assert _network_programs_compiled(caplog) == []
 
 
@@ -221,15 +231,16 @@ def test_scan_and_loop_epochs_agree(tiny):
     modes = {resolve_epoch_mode(CFG.epoch_mode)}
     other = ({"scan", "loop"} - modes).pop()
     cfg = dataclasses.replace(CFG, epoch_mode=other)
-    s1, losses, accs, _ = make_train_epoch(cfg)(tiny["state"], jnp.asarray(tiny["train"]), tiny["order"],
-                                                 jnp.float32(0.05), jnp.int32(0), n_active=2)
-    np.testing.assert_allclose(np.asarray(losses), tiny["losses"], rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(accs), tiny["accs"])
+    s1, losses, accs, _ = make_train_epoch(cfg)(tiny["state"], tiny["data"], jnp.float32(0.05), jnp.int32(0),
+                                                 n_active=2)
+    np.testing.assert_allclose(np.asarray(losses)[0], tiny["losses"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(accs)[0], tiny["accs"])
     for x, y in zip(jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
                     jax.tree_util.tree_leaves((tiny["after"].params, tiny["after"].batch_stats)), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     s = tiny["after"]
-    args = (s.params, s.batch_stats, jnp.asarray(tiny["test"]), tiny["order"], jax.random.PRNGKey(9))
+    args = (s.params, s.batch_stats, tiny["data"]._replace(images=jnp.asarray(tiny["test"])),
+            jax.random.PRNGKey(9)[None])
     for augment_images in (False, True):
         a = make_evaluate(cfg, 4, augment_images)(*args, n_active=2)
         b = make_evaluate(CFG, 4, augment_images)(*args, n_active=2)
@@ -240,8 +251,7 @@ def test_epoch_with_buffer_donation_runs_from_a_fresh_state(monkeypatch, tiny):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the donating variant, as built on an accelerator
     fn = make_train_epoch(dataclasses.replace(CFG, epoch_mode="loop"))
     monkeypatch.undo()
-    out = fn(init_state(CFG, 0), jnp.asarray(tiny["train"]), tiny["order"], jnp.float32(0.05), jnp.int32(0),
-             n_active=2)
+    out = fn(stack_states([init_state(CFG, 0)]), tiny["data"], jnp.float32(0.05), jnp.int32(0), n_active=2)
     assert _tree_equal(out[0].params, tiny["after"].params)
 
 
@@ -250,15 +260,20 @@ def evaluation(tiny):
     s = tiny["after"]
     clean = make_evaluate(CFG, 4, False)
     noisy = make_evaluate(CFG, 4, True)
-    key = jax.random.PRNGKey(9)
-    args = (s.params, s.batch_stats, jnp.asarray(tiny["test"]), tiny["order"])
-    return {"clean": clean(*args, key, n_active=2), "clean_other_key": clean(*args, jax.random.PRNGKey(1), n_active=2),
-            "noisy": noisy(*args, key, n_active=2), "noisy_again": noisy(*args, key, n_active=2),
-            "noisy_other_key": noisy(*args, jax.random.PRNGKey(1), n_active=2)}
+    key, other = jax.random.PRNGKey(9)[None], jax.random.PRNGKey(1)[None]
+    args = (s.params, s.batch_stats, tiny["data"]._replace(images=jnp.asarray(tiny["test"])))
+
+    def one_run(out):
+        return tuple(float(v[0]) for v in out)
+
+    return {"clean": one_run(clean(*args, key, n_active=2)),
+            "clean_other_key": one_run(clean(*args, other, n_active=2)),
+            "noisy": one_run(noisy(*args, key, n_active=2)), "noisy_again": one_run(noisy(*args, key, n_active=2)),
+            "noisy_other_key": one_run(noisy(*args, other, n_active=2))}
 
 
 def test_clean_evaluation_is_per_batch_mean_in_eval_mode(tiny, evaluation):
-    s = tiny["after"]
+    s = _one(tiny["after"])
     order = np.asarray(tiny["order"])
     # the active classes' test images, class-order major: 2 classes × 3 = 6 images, batches of 4 and 2
     x = np.concatenate([tiny["test"][c] for c in order[:2]])
@@ -266,7 +281,7 @@ def test_clean_evaluation_is_per_batch_mean_in_eval_mode(tiny, evaluation):
     xn = ((x / 255.0 - np.array([0.5071, 0.4865, 0.4409])) / np.array([0.2673, 0.2564, 0.2762])).astype(np.float32)
     logits = make_model(CFG).apply({"params": s.params, "batch_stats": s.batch_stats}, xn, train=False)
     losses, correct = _reference_loss(np.asarray(logits), y, list(order[:2]))
-    loss, acc = (float(v) for v in evaluation["clean"])
+    loss, acc = evaluation["clean"]
     # the reference averages per-batch means (a short last batch weighs like a full one)
     assert loss == pytest.approx((losses[:4].mean() + losses[4:].mean()) / 2, rel=1e-4)
     assert acc == pytest.approx((correct[:4].mean() + correct[4:].mean()) / 2, abs=1e-6)
@@ -281,6 +296,15 @@ def test_test_time_augmentation_quirk_is_keyed(evaluation):
 
 # ---------------------------------------------------------------------------------------------
 # early stopping (semantics §5) on a hand-made state
+
+
+def _update_best_alone(state, val_acc):
+    """``update_best`` of one run: the run as a stack of one, then back."""
+    return _one(update_best(stack_states([state]), jnp.asarray([val_acc], jnp.float32)))
+
+
+def _end_task_alone(state, restore):
+    return _one(end_task(stack_states([state]), restore=restore))
 
 
 def _state(seed):
@@ -304,34 +328,34 @@ def test_update_best_keeps_strictly_best_and_end_task_restores_network_only():
     s = TrainState(params=params, batch_stats=stats, opt_state=opt, algo_state={"age": jnp.zeros(2)},
                    best_params=params, best_batch_stats=stats, best_acc=jnp.zeros((), jnp.float32),
                    has_best=jnp.zeros((), jnp.bool_), key=jax.random.PRNGKey(0))
-    s = update_best(s, jnp.float32(0.5))  # epoch 1: best so far
+    s = _update_best_alone(s, jnp.float32(0.5))  # epoch 1: best so far
     best_p, best_s = s.params, s.batch_stats
     assert bool(s.has_best) and float(s.best_acc) == 0.5
-    s = update_best(_swap_network(s, 1), jnp.float32(0.5))  # equal: does not replace
+    s = _update_best_alone(_swap_network(s, 1), jnp.float32(0.5))  # equal: does not replace
     assert _tree_equal(s.best_params, best_p) and _tree_equal(s.best_batch_stats, best_s)
-    s = update_best(_swap_network(s, 2), jnp.float32(0.25))  # worse: does not replace
+    s = _update_best_alone(_swap_network(s, 2), jnp.float32(0.25))  # worse: does not replace
     assert _tree_equal(s.best_params, best_p) and float(s.best_acc) == 0.5
     s = _swap_network(s, 3)
     best_p, best_s = s.params, s.batch_stats
-    s = update_best(s, jnp.float32(0.75))  # strictly better: replaces, parameters AND statistics
+    s = _update_best_alone(s, jnp.float32(0.75))  # strictly better: replaces, parameters AND statistics
     assert _tree_equal(s.best_params, best_p) and _tree_equal(s.best_batch_stats, best_s)
     assert float(s.best_acc) == 0.75
 
     # the last epoch of the task moved the network and the optimiser on
     last_p, last_s, last_opt = _state(4)
     s = s.replace(params=last_p, batch_stats=last_s, opt_state=last_opt, algo_state={"age": jnp.ones(2)})
-    restored = end_task(s, restore=True)
+    restored = _end_task_alone(s, restore=True)
     assert _tree_equal(restored.params, best_p) and _tree_equal(restored.batch_stats, best_s)
     assert _tree_equal(restored.opt_state, last_opt)  # the optimiser state is NOT restored
     assert _tree_equal(restored.algo_state, {"age": jnp.ones(2)})
     assert float(restored.best_acc) == 0 and not bool(restored.has_best)  # the copy is cleared
 
-    kept = end_task(s, restore=False)
+    kept = _end_task_alone(s, restore=False)
     assert _tree_equal(kept.params, last_p) and _tree_equal(kept.batch_stats, last_s)
     assert not bool(kept.has_best)
 
     # next task: the first validation accuracy is a new best even if lower than the last task's best
-    nxt = update_best(_swap_network(restored, 5), jnp.float32(0.1))
+    nxt = _update_best_alone(_swap_network(restored, 5), jnp.float32(0.1))
     assert _tree_equal(nxt.best_params, nxt.params) and float(nxt.best_acc) == pytest.approx(0.1)
 
 
@@ -340,14 +364,14 @@ def test_end_task_without_any_improvement_keeps_the_network():
     s = TrainState(params=params, batch_stats=stats, opt_state=opt, algo_state=None,
                    best_params=params, best_batch_stats=stats, best_acc=jnp.zeros((), jnp.float32),
                    has_best=jnp.zeros((), jnp.bool_), key=jax.random.PRNGKey(0))
-    s = update_best(_swap_network(s, 1), jnp.float32(0.0))  # never above 0
+    s = _update_best_alone(_swap_network(s, 1), jnp.float32(0.0))  # never above 0
     cur = s.params
-    out = end_task(s, restore=True)
+    out = _end_task_alone(s, restore=True)
     assert _tree_equal(out.params, cur)
 
 
 def test_init_state_is_a_pytree_with_the_run_key(tiny):
-    s = tiny["state"]
+    s = _one(tiny["state"])
     leaves = jax.tree_util.tree_leaves(s)
     assert all(isinstance(x, jax.Array) for x in leaves)
     np.testing.assert_array_equal(np.asarray(s.key), np.asarray(jax.random.PRNGKey(0)))
