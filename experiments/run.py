@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if read_config_values(args.config).get("num_workers"):
         print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
     from lop_jax.algorithms import active_methods
-    from lop_jax.experiment import experiment_dir, make_plan, run_experiments
+    from lop_jax.experiment import make_plan, run_experiments
+    from lop_jax.results import ExperimentDir
 
     if args.dry_run:
         print("resolved configuration:")
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data: no local copy under '{cfg.data_path or 'data'}'; the run would download it there")
         else:
             print(f"data: {load_data(cfg).source}")
-        print(f"results: {experiment_dir(cfg)} (indices {', '.join(map(str, indices))})")
+        print(f"results: {ExperimentDir.of(cfg).path} (indices {', '.join(map(str, indices))})")
         print("plan:")
         for line in make_plan(cfg).lines():
             print(f"  {line}")

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,10 +50,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lop_jax.augment import normalize
-from lop_jax.config import Config, make_config
+from lop_jax.config import Config
 from lop_jax.errors import InputError
 from lop_jax.model import NUM_OUTPUTS, ResNet18
-from lop_jax.results import load_snapshot, load_status, metric_path, save_npy, snapshot_path
+from lop_jax.results import ExperimentDir, ResultsError
 
 ANALYSIS_METRICS = (
     "weight_magnitude_analysis",
@@ -322,52 +321,44 @@ def class_accuracy_on_test(params: Any, batch_stats: Any, test: np.ndarray, clas
 # ---------------------------------------------------------------------------------------------
 def load_experiment_config(exp_dir: str | Path) -> Config:
     """The resolved config of an experiment directory (``config.json``)."""
-    path = Path(exp_dir) / "config.json"
-    if not path.is_file():
+    folder = ExperimentDir(exp_dir)
+    if not folder.has_config():
         raise AnalysisError(f"no config.json in {exp_dir}: is it an experiment directory (<results_dir>/<name>)?")
     try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise AnalysisError(f"cannot read {path}: {err}") from None
-    return make_config(values)
+        return folder.read_config()
+    except ResultsError as err:
+        raise AnalysisError(str(err)) from None
 
 
 def run_indices(exp_dir: str | Path) -> tuple[list[int], list[int]]:
-    """(finished, unfinished) run indices, from ``run_status/index-<N>.json``."""
-    status_dir = Path(exp_dir) / "run_status"
-    if not status_dir.is_dir():
+    """(finished, unfinished) run indices, from the runs' status files (an unreadable one counts as
+    unfinished)."""
+    folder = ExperimentDir(exp_dir)
+    started = folder.started_indices()
+    if started is None:
         raise AnalysisError(f"no run_status folder in {exp_dir}: no run has been started there")
-    finished, unfinished = [], []
-    for p in status_dir.glob("index-*.json"):
-        try:
-            index = int(p.stem.split("-", 1)[1])
-        except ValueError:
-            continue
-        status = load_status(Path(exp_dir), index) or {}
-        (finished if status.get("finished") else unfinished).append(index)
-    return sorted(finished), sorted(unfinished)
+    finished = [i for i in started if folder.is_finished(i)]
+    return finished, [i for i in started if i not in finished]
 
 
 def _snapshot_epochs(cfg: Config) -> list[int]:
     return [t * cfg.epochs_per_task for t in range(cfg.num_tasks + 1)]
 
 
-def _check_inputs(exp_dir: Path, cfg: Config, index: int, num_available: int) -> np.ndarray:
-    order_file = metric_path(exp_dir, "class_order", index)
-    if not order_file.is_file():
-        raise AnalysisError(f"missing class order file {order_file} (index {index})")
+def _check_inputs(folder: ExperimentDir, cfg: Config, index: int, num_available: int) -> np.ndarray:
+    order_file = folder.metric_path("class_order", index)
     try:
-        class_order = np.asarray(np.load(order_file), np.int64)
-    except (OSError, ValueError) as err:
-        raise AnalysisError(f"cannot read class order file {order_file}: {err}") from None
+        class_order = np.asarray(folder.load_metric("class_order", index), np.int64)
+    except ResultsError as err:
+        raise AnalysisError(f"class order: {err}") from None
     if class_order.ndim != 1 or class_order.size < cfg.num_classes:
         raise AnalysisError(f"{order_file} holds {class_order.size} classes, the run needs {cfg.num_classes}")
     if class_order.max(initial=0) >= num_available:
         raise AnalysisError(f"{order_file} names class {class_order.max()} but the data set has {num_available}")
     for epoch in _snapshot_epochs(cfg):
-        path = snapshot_path(exp_dir, index, epoch)
-        if not path.is_dir():
-            raise AnalysisError(f"missing network snapshot {path} (index {index}, epoch {epoch})")
+        if not folder.has_snapshot(index, epoch):
+            raise AnalysisError(f"missing network snapshot {folder.snapshot_path(index, epoch)} "
+                                f"(index {index}, epoch {epoch})")
     return class_order
 
 
@@ -384,13 +375,13 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
     reference's unmasked prediction.
     """
     _check_bn_mode(bn_mode)
-    exp_dir = Path(exp_dir)
-    class_order = _check_inputs(exp_dir, cfg, index, pool.shape[0])
+    folder = ExperimentDir(exp_dir)
+    class_order = _check_inputs(folder, cfg, index, pool.shape[0])
     width, cpt = cfg.network_width, cfg.classes_per_task
     out = {m: np.zeros(cfg.num_tasks, np.float32) for m in ANALYSIS_METRICS[:-1]}
     epochs = _snapshot_epochs(cfg)
     for i in range(cfg.num_tasks):
-        params, batch_stats = load_snapshot(exp_dir, index, epochs[i])
+        params, batch_stats = folder.load_snapshot(index, epochs[i])
         out["weight_magnitude_analysis"][i] = average_weight_magnitude(params)
         roles = [("next_task", class_order[i * cpt:(i + 1) * cpt], ROLE_NEXT)]
         if i > 0:
@@ -403,7 +394,7 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
             out[f"{prefix}_stable_rank_analysis"][i] = m["stable_rank"]
         if on_snapshot is not None:
             on_snapshot()
-    params, batch_stats = load_snapshot(exp_dir, index, epochs[-1])
+    params, batch_stats = folder.load_snapshot(index, epochs[-1])
     out["accuracy_per_class_in_order"] = class_accuracy_on_test(
         params, batch_stats, test, class_order, analysis_key(index, cfg.num_tasks, ROLE_TEST), width, bn_mode,
         active_classes=class_order[:cfg.num_classes])
@@ -414,8 +405,9 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
 
 def save_analysis(exp_dir: str | Path, index: int, results: dict[str, np.ndarray]) -> None:
     """Write each metric to ``<exp_dir>/<metric>/index-<N>.npy`` atomically (temp file + rename)."""
+    folder = ExperimentDir(exp_dir)
     for name in ANALYSIS_METRICS:
-        save_npy(metric_path(Path(exp_dir), name, index), results[name])
+        folder.save_metric(name, index, results[name])
 
 
 def batch_sizes(cfg: Config, per_class: int, size: int = FEATURE_BATCH) -> dict[str, list[int]]:
@@ -472,8 +464,8 @@ def analyze_experiment(exp_dir: str | Path, data_dir: str | Path | None = None, 
     if not 0.0 <= threshold <= 1.0:
         raise AnalysisError(f"the dormant-unit threshold must be in [0, 1], got {threshold}")
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
+    folder = ExperimentDir(exp_dir)
+    if not folder.exists():
         raise AnalysisError(f"no such experiment directory: {exp_dir}")
     cfg = load_experiment_config(exp_dir)
     finished, unfinished = run_indices(exp_dir)
@@ -485,7 +477,7 @@ def analyze_experiment(exp_dir: str | Path, data_dir: str | Path | None = None, 
         finished = [i for i in finished if i in wanted]
         unfinished = [i for i in unfinished if i in wanted]
     for index in unfinished:
-        status = load_status(exp_dir, index) or {}
+        status = folder.status(index) or {}
         say(f"index {index}: run unfinished ({status.get('epochs_done', 0)}/{cfg.num_epochs} epochs), skipped")
     if not finished:
         return {}
@@ -500,7 +492,7 @@ def analyze_experiment(exp_dir: str | Path, data_dir: str | Path | None = None, 
     if note:
         say(note)
     for index in finished:
-        _check_inputs(exp_dir, cfg, index, pool.shape[0])
+        _check_inputs(folder, cfg, index, pool.shape[0])
     results = {}
     with tqdm(total=len(finished) * (cfg.num_tasks + 1), desc="snapshots", unit="snapshot",
               disable=not progress) as bar:

@@ -3,7 +3,8 @@
 A checkpoint holds everything a run needs to continue bit-identically: the whole TrainState
 (params, BatchNorm statistics, optimiser state, algorithm state, the early-stopping copy, the
 root key), the partial results arrays, and the host-side counters (epochs done, the running
-train-summary sums and position). It lives in ``<exp_dir>/checkpoints/index-<N>/<epoch>/``;
+train-summary sums and position). It lives in the run's checkpoint folder of its experiment
+directory (``lop_jax.results``: ``checkpoints/index-<N>/<epoch>/``);
 Orbax writes each step to a temporary folder and renames it when complete, so a kill leaves
 the previous complete checkpoint intact.
 
@@ -38,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from lop_jax.config import Config, config_diff
 from lop_jax.errors import InputError
+from lop_jax.results import ExperimentDir
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -130,17 +132,13 @@ class Restored:
     train_summary_pos: int
 
 
-def checkpoint_dir(exp_dir: Path, index: int) -> Path:
-    return (Path(exp_dir) / "checkpoints" / f"index-{index}").absolute()
-
-
 class Checkpointer:
     """Saves (asynchronously) and restores the checkpoints of one run index."""
 
-    def __init__(self, exp_dir: Path, index: int, cfg: Config, ignore_keys: tuple[str, ...] = ()):
+    def __init__(self, exp_dir: Path | ExperimentDir, index: int, cfg: Config, ignore_keys: tuple[str, ...] = ()):
         self.cfg = cfg
         self.ignore_keys = ignore_keys
-        self.path = checkpoint_dir(exp_dir, index)
+        self.path = ExperimentDir(exp_dir).checkpoint_path(index)
         # Orbax's own asynchronous machinery is not used: its signals are process-global, and two
         # managers (several run indices in one process) saving at once time out waiting for each
         # other. Instead every write, whole and synchronous, runs on one process-wide worker thread
@@ -268,22 +266,3 @@ class Checkpointer:
 
 class CheckpointMismatch(InputError, ValueError):
     """A checkpoint from a different config."""
-
-
-def move_run_aside(exp_dir: Path, index: int) -> Path | None:
-    """Move every file of run ``index`` to ``<exp_dir>/previous_runs/index-<N>-<time>/`` (for --restart).
-
-    Nothing is deleted; returns the folder it went to, or None if there was nothing to move."""
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        return None
-    dest = exp_dir / "previous_runs" / f"index-{index}-{time.strftime('%Y%m%d-%H%M%S')}"
-    moved = False
-    for child in sorted(exp_dir.iterdir()):
-        if not child.is_dir() or child.name == "previous_runs":
-            continue
-        for item in list(child.glob(f"index-{index}.*")) + list(child.glob(f"index-{index}")):
-            (dest / child.name).mkdir(parents=True, exist_ok=True)
-            shutil.move(str(item), str(dest / child.name / item.name))
-            moved = True
-    return dest if moved else None

@@ -22,6 +22,9 @@ UTILITIES = ("weight", "contribution")
 CBP_VARIANTS = ("reference", "textbook")
 PRECISIONS = ("float32", "bfloat16")
 EPOCH_MODES = ("auto", "scan", "loop")
+# Keys that may differ between runs sharing one experiment directory, or between a checkpoint and the
+# run resuming it: where the files are and how often they are written, never what is computed.
+OPERATIONAL_KEYS = ("data_path", "results_dir", "num_workers", "checkpoint_every_epochs", "checkpoints_to_keep")
 
 
 class ConfigError(InputError, ValueError):

@@ -8,13 +8,11 @@ network snapshot and applies the algorithm's task-boundary hook (semantics §1, 
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,8 +21,8 @@ import numpy as np
 
 from lop_jax import algorithms
 from lop_jax import results as res
-from lop_jax.checkpoint import Checkpointer, move_run_aside
-from lop_jax.config import Config, ConfigError, config_diff, make_config
+from lop_jax.checkpoint import Checkpointer
+from lop_jax.config import OPERATIONAL_KEYS, Config, ConfigError
 from lop_jax.data import CifarData, load_data
 from lop_jax.errors import CommandFailed, Interrupted
 from lop_jax.model import count_params, feature_layers
@@ -42,45 +40,6 @@ from lop_jax.train import (
     task_data,
     update_best,
 )
-
-# Keys that may differ between runs sharing one experiment directory (they change no result).
-OPERATIONAL_KEYS = ("data_path", "results_dir", "num_workers", "checkpoint_every_epochs", "checkpoints_to_keep")
-
-
-def experiment_dir(cfg: Config) -> Path:
-    """``<results_dir>/<experiment_name>`` (results_dir defaults to ./results)."""
-    return Path(cfg.results_dir or "results") / cfg.experiment_name
-
-
-def stored_config_diff(path: Path, cfg: Config, remedy: str) -> list[str]:
-    """Keys (operational ones aside) in which the config stored at ``path`` differs from ``cfg``;
-    an unreadable file is a ConfigError that ends with ``remedy``."""
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON; {remedy}") from None
-    return config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
-
-
-def write_config(cfg: Config, exp_dir: Path) -> None:
-    """Store the resolved config; refuse to mix runs of a different config in one directory."""
-    path = exp_dir / "config.json"
-    if path.is_file():
-        diff = stored_config_diff(path, cfg, "move it away or choose another experiment_name")
-        if diff:
-            raise ConfigError(f"{exp_dir} holds runs of a different config (keys differ: {', '.join(diff)}); "
-                              "use another experiment_name or results_dir")
-        return
-    try:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"results directory {exp_dir} is not writable: {err}") from None
-    res.save_json(path, cfg.to_dict())
-
-
-def read_config(exp_dir: Path) -> Config:
-    """The resolved config stored with an experiment's results."""
-    return make_config(json.loads((Path(exp_dir) / "config.json").read_text()))
 
 
 @dataclass(frozen=True)
@@ -223,13 +182,13 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
     if len(set(indices)) != len(indices) or not indices or min(indices) < 0:
         raise ConfigError(f"--experiment-index: expected distinct indices >= 0, got {indices}")
     algorithms.check_methods(cfg)
-    exp_dir = experiment_dir(cfg)
+    folder = res.ExperimentDir.of(cfg)
     if restart:
         for index in indices:
-            moved = move_run_aside(exp_dir, index)
+            moved = folder.move_run_aside(index)
             if moved is not None:
                 log(f"--restart: the previous files of index {index} were moved to {moved}")
-    write_config(cfg, exp_dir)
+    folder.write_config(cfg)
     data = data if data is not None else load_data(cfg)
     if cfg.num_classes > data.num_classes:
         raise ConfigError(f"config key 'num_tasks': the run needs {cfg.num_classes} classes, "
@@ -240,7 +199,7 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
     states = [init_state(cfg, i) for i in indices]
     results = [res.RunResults(cfg, i, np.asarray(o), extra) for i, o in zip(indices, orders, strict=True)]
     running = np.zeros((len(indices), 2), np.float32)
-    ckpts = [Checkpointer(exp_dir, i, cfg, ignore_keys=OPERATIONAL_KEYS) for i in indices]
+    ckpts = [Checkpointer(folder, i, cfg, ignore_keys=OPERATIONAL_KEYS) for i in indices]
     label = f"index {indices[0]}" if len(indices) == 1 else f"indices {','.join(map(str, indices))}"
     report = Progress(cfg, label, verbose, progress, log)
     try:
@@ -261,20 +220,20 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
         start = starts[0]
         if start == 0:
             for index, st in zip(indices, states, strict=True):
-                res.save_snapshot(exp_dir, index, 0, st.params, st.batch_stats)
-                res.save_status(exp_dir, index, 0, False)
+                folder.save_snapshot(index, 0, st.params, st.batch_stats)
+                folder.save_status(index, 0, False)
         if start >= cfg.num_epochs:
             report.message(f"{label} already finished ({start} epochs); use --restart to run again")
             for index, r in zip(indices, results, strict=True):
-                r.save(exp_dir)
-                res.save_status(exp_dir, index, start, True)
+                r.save(folder)
+                folder.save_status(index, start, True)
             return results
         report.start(start)
         state, class_order = stack_states(states), jnp.stack(orders)
         sharding = seed_sharding(len(indices))
         if sharding is not None:
             state, class_order = jax.device_put((state, class_order), sharding)
-        _run_epochs(cfg, indices, exp_dir, state, results, running, start, ckpts, report, class_order,
+        _run_epochs(cfg, indices, folder, state, results, running, start, ckpts, report, class_order,
                     images, stop_after_epoch)
     finally:
         for ckpt in ckpts:
@@ -283,8 +242,9 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
     return results
 
 
-def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, results: list[res.RunResults],
-                running: np.ndarray, start: int, ckpts: list[Checkpointer], report: Progress,
+def _run_epochs(cfg: Config, indices: list[int], folder: res.ExperimentDir, state: Any,
+                results: list[res.RunResults], running: np.ndarray, start: int, ckpts: list[Checkpointer],
+                report: Progress,
                 class_order: jax.Array, images: tuple[jax.Array, jax.Array, jax.Array],
                 stop_after_epoch: int | None) -> None:
     train_x, val_x, test_x = images
@@ -342,7 +302,7 @@ def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, resu
                 state = end_task(state, restore=cfg.early_stopping)
                 for k, index in enumerate(indices):
                     run = unstack_state(state, k)
-                    res.save_snapshot(exp_dir, index, done, run.params, run.batch_stats)
+                    folder.save_snapshot(index, done, run.params, run.batch_stats)
                 if task + 1 < cfg.num_tasks:
                     state = task_boundary_reset(cfg, state, task)
                     report.message(f"task {task + 1} done: {cfg.active_classes(task + 1)} classes from now on")
@@ -354,8 +314,8 @@ def _run_epochs(cfg: Config, indices: list[int], exp_dir: Path, state: Any, resu
                 last_saved = done
             if task_end or stopping or done == cfg.num_epochs:
                 for index, r in zip(indices, results, strict=True):
-                    r.save(exp_dir)
-                    res.save_status(exp_dir, index, done, done == cfg.num_epochs)
+                    r.save(folder)
+                    folder.save_status(index, done, done == cfg.num_epochs)
             if stopping and done < cfg.num_epochs:
                 for ckpt in ckpts:
                     ckpt.wait()

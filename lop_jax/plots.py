@@ -26,7 +26,6 @@ Matplotlib is used through its object API with the Agg canvas: no global pyplot 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lop_jax.analysis import ANALYSIS_METRICS
-from lop_jax.config import ConfigError, make_config
 from lop_jax.errors import InputError
+from lop_jax.results import ExperimentDir, ResultsError
 
 BASELINE = "retrained_network"
 PAPER_COLORS = {
@@ -98,44 +97,28 @@ class Curve:
 
 def experiment_scale(alg_dir: str | Path) -> Scale:
     """Scale of an experiment directory, from its ``config.json`` (paper scale without one)."""
-    path = Path(alg_dir) / "config.json"
-    if not path.is_file():
+    folder = ExperimentDir(alg_dir)
+    if not folder.has_config():
         return Scale()
     try:
-        cfg = make_config(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ConfigError) as err:
-        raise PlotError(f"cannot read {path}: {err}") from None
+        cfg = folder.read_config()
+    except ResultsError as err:
+        raise PlotError(str(err)) from None
     return Scale(cfg.num_tasks, cfg.classes_per_task, cfg.epochs_per_task, cfg.network_width)
 
 
 def finished_indices(alg_dir: str | Path) -> set[int] | None:
     """Indices of finished runs per ``run_status``; None when there is no ``run_status`` folder."""
-    status_dir = Path(alg_dir) / "run_status"
-    if not status_dir.is_dir():
-        return None
-    done = set()
-    for p in status_dir.glob("index-*.json"):
-        try:
-            if json.loads(p.read_text()).get("finished"):
-                done.add(int(p.stem.split("-", 1)[1]))
-        except (ValueError, json.JSONDecodeError):
-            continue
-    return done
+    done = ExperimentDir(alg_dir).finished_indices()
+    return None if done is None else set(done)
 
 
 def load_metric_arrays(alg_dir: str | Path, metric: str) -> dict[int, np.ndarray]:
-    """``{index: array}`` of one metric of one experiment, finished runs only."""
-    metric_dir = Path(alg_dir) / metric
-    done = finished_indices(alg_dir)
-    out = {}
-    for p in (sorted(metric_dir.glob("index-*.npy")) if metric_dir.is_dir() else []):
-        try:
-            index = int(p.stem.split("-", 1)[1])
-        except ValueError:
-            continue
-        if done is None or index in done:
-            out[index] = np.load(p)
-    return dict(sorted(out.items()))
+    """``{index: array}`` of one metric of one experiment, finished runs only (every run of a folder
+    without run status: the reference's)."""
+    folder = ExperimentDir(alg_dir)
+    done = folder.finished_indices()
+    return {i: folder.load_metric(metric, i) for i in folder.metric_indices(metric) if done is None or i in done}
 
 
 def per_task_values(metric: str, array: np.ndarray, scale: Scale) -> tuple[np.ndarray, np.ndarray]:

@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 
 from lop_jax.config import Config, ConfigError, load_config
-from lop_jax.results import load_status, save_json
+from lop_jax.results import ExperimentDir, save_json
 
 # the paper's five systems, in the order of its legend
 SYSTEMS = ("base_deep_learning_system", "retrained_network", "head_resetting", "shrink_and_perturb",
            "continual_backpropagation")
 TIMING_FILE = "sweep_timing.json"
-# what the exported copy leaves out: network weights and checkpoints (large, and rebuilt by rerunning)
-NOT_EXPORTED = ("checkpoints", "model_parameters", "previous_runs")
 
 
 def load_system_configs(config_dir: str | Path, systems: Sequence[str], overrides: dict[str, Any]) -> list[Config]:
@@ -54,28 +52,23 @@ def _read_timing(results_dir: Path) -> dict[str, Any]:
 
 
 def _finished(exp_dir: Path, index: int) -> bool:
-    status = load_status(exp_dir, index)
-    return bool(status and status.get("finished"))
+    return ExperimentDir(exp_dir).is_finished(index)
 
 
 def _exported(export_dir: Path, system: str, index: int) -> bool:
     """Whether a finished and analysed run of ``system`` is in the exported copy."""
     from lop_jax.analysis import ANALYSIS_METRICS
 
-    dest = export_dir / "results" / system
-    return _finished(dest, index) and all((dest / m / f"index-{index}.npy").is_file() for m in ANALYSIS_METRICS)
+    dest = ExperimentDir(export_dir / "results" / system)
+    return dest.is_finished(index) and all(dest.has_metric(m, index) for m in ANALYSIS_METRICS)
 
 
 def check_export_config(cfg: Config, export_dir: Path) -> None:
     """Refuse to add to (or skip runs because of) an exported copy made with another config."""
-    from lop_jax.experiment import stored_config_diff
-
-    path = export_dir / "results" / cfg.experiment_name / "config.json"
-    if not path.is_file():
-        return
-    diff = stored_config_diff(path, cfg, "move the exported copy aside")
+    exported = ExperimentDir(export_dir / "results" / cfg.experiment_name)
+    diff = exported.config_diff(cfg, "move the exported copy aside")
     if diff:
-        raise ConfigError(f"the exported runs in {path.parent} were made with another config (keys differ: "
+        raise ConfigError(f"the exported runs in {exported.path} were made with another config (keys differ: "
                           f"{', '.join(diff)}); move them aside or use another --export-dir")
 
 
@@ -143,9 +136,9 @@ def analyze_runs(exp_dir: Path, indices: Sequence[int], data: Any = None, log: C
 
     ``data`` is the source's full split (``lop_jax.data.FullSplit``), or None to load it."""
     from lop_jax.analysis import ANALYSIS_METRICS, analyze_experiment
-    from lop_jax.results import metric_path
 
-    todo = [i for i in indices if not all(metric_path(exp_dir, m, i).is_file() for m in ANALYSIS_METRICS)]
+    folder = ExperimentDir(exp_dir)
+    todo = [i for i in indices if not all(folder.has_metric(m, i) for m in ANALYSIS_METRICS)]
     if todo:
         log(f"analysis: {exp_dir.name}, index {', '.join(map(str, todo))}")
         analyze_experiment(exp_dir, data=data, indices=todo, progress=progress, log=log)
@@ -155,24 +148,24 @@ def analyze_runs(exp_dir: Path, indices: Sequence[int], data: Any = None, log: C
 def export_results(results_dir: str | Path, systems: Sequence[str], export_dir: str | Path,
                    indices: Sequence[int]) -> list[Path]:
     """Copy the small files of the given finished runs (results arrays, analysis, config, status) to
-    ``<export_dir>/results/<system>/``, so that the figures can be redrawn from a repository."""
+    ``<export_dir>/results/<system>/``, so that the figures can be redrawn from a repository. Network
+    weights and checkpoints are left out (large, and rebuilt by rerunning)."""
     results_dir, out_root = Path(results_dir), Path(export_dir) / "results"
     written = []
     for system in systems:
-        src = results_dir / system
-        stems = {f"index-{i}" for i in indices if _finished(src, i)}
-        if not stems:
+        src = ExperimentDir(results_dir / system)
+        files = sorted(f for i in indices if src.is_finished(i) for f in src.run_files(i))
+        if not files:
             continue
         dest = out_root / system
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / "config.json", dest / "config.json")
-        written.append(dest / "config.json")
-        for metric_dir in sorted(p for p in src.iterdir() if p.is_dir() and p.name not in NOT_EXPORTED):
-            for f in sorted(metric_dir.iterdir()):
-                if f.stem in stems and f.suffix in (".npy", ".json"):
-                    (dest / metric_dir.name).mkdir(exist_ok=True)
-                    shutil.copy2(f, dest / metric_dir.name / f.name)
-                    written.append(dest / metric_dir.name / f.name)
+        shutil.copy2(src.config_path, dest / src.config_path.name)
+        written.append(dest / src.config_path.name)
+        for f in files:
+            target = dest / f.relative_to(src.path)
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy2(f, target)
+            written.append(target)
     return written
 
 

@@ -17,7 +17,7 @@ from lop_jax.augment import normalize
 from lop_jax.config import make_config
 from lop_jax.data import FullSplit, load_data
 from lop_jax.model import ResNet18
-from lop_jax.results import load_snapshot, save_snapshot, save_status, snapshot_path
+from lop_jax.results import ExperimentDir
 
 WIDTH = 2
 NUM_TASKS, CPT, EPOCHS_PER_TASK = 2, 2, 1
@@ -161,12 +161,13 @@ def _write_run(exp_dir, index: int, finished: bool, num_classes: int = K, num_ta
     (exp_dir / "class_order").mkdir(parents=True, exist_ok=True)
     np.save(exp_dir / "class_order" / f"index-{index}.npy", order)
     num_epochs = num_tasks * EPOCHS_PER_TASK
-    save_status(exp_dir, index, num_epochs if finished else 1, finished)
+    folder = ExperimentDir(exp_dir)
+    folder.save_status(index, num_epochs if finished else 1, finished)
     if not finished:
         return
     for t in range(num_tasks + 1):
         params, bs = _random_network(10 * index + t)
-        save_snapshot(exp_dir, index, t * EPOCHS_PER_TASK, params, bs)
+        folder.save_snapshot(index, t * EPOCHS_PER_TASK, params, bs)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +208,7 @@ def test_analysis_writes_every_file_with_the_right_shape_and_range(tiny_experime
         acc = loaded["accuracy_per_class_in_order"]
         assert np.all(np.isin(np.round(acc * N_TEST, 4), np.arange(N_TEST + 1)))
         for t in range(NUM_TASKS):
-            params, _ = load_snapshot(exp_dir, index, t * EPOCHS_PER_TASK)
+            params, _ = ExperimentDir(exp_dir).load_snapshot(index, t * EPOCHS_PER_TASK)
             assert loaded["weight_magnitude_analysis"][t] == pytest.approx(A.average_weight_magnitude(params), rel=1e-6)
     assert not (exp_dir / "weight_magnitude_analysis" / "index-2.npy").exists()
     assert any("index 2" in m and "unfinished" in m for m in tiny_experiment.messages)
@@ -218,7 +219,7 @@ def test_analysis_matches_an_independent_forward_pass(tiny_experiment):
     exp_dir, data = tiny_experiment.exp_dir, tiny_experiment.data
     index = 1
     order = np.load(exp_dir / "class_order" / f"index-{index}.npy")
-    params, bs = load_snapshot(exp_dir, index, EPOCHS_PER_TASK)
+    params, bs = ExperimentDir(exp_dir).load_snapshot(index, EPOCHS_PER_TASK)
     images = A.sample_batch(data.train, order[:CPT], A.analysis_key(index, 1, A.ROLE_PREVIOUS))
     assert images.shape == (CPT * N_FULL, 32, 32, 3)  # fewer than 1,000 available: all of them
     _, feats = _apply(params, bs, images, train=True)
@@ -229,7 +230,7 @@ def test_analysis_matches_an_independent_forward_pass(tiny_experiment):
     assert written["previous_tasks_stable_rank_analysis"][1] == A.stable_rank(feats[-1])
 
     # one test batch holds every test image, so training-mode BN statistics do not depend on the order
-    params, bs = load_snapshot(exp_dir, index, NUM_TASKS * EPOCHS_PER_TASK)
+    params, bs = ExperimentDir(exp_dir).load_snapshot(index, NUM_TASKS * EPOCHS_PER_TASK)
     test_images = data.test[order].reshape(-1, 32, 32, 3)
     labels = np.repeat(order, N_TEST)
     logits, _ = _apply(params, bs, test_images, train=True)
@@ -240,7 +241,7 @@ def test_analysis_matches_an_independent_forward_pass(tiny_experiment):
 
 
 def test_predict_restricts_the_arg_max_to_the_given_classes(tiny_experiment):
-    params, bs = load_snapshot(tiny_experiment.exp_dir, 0, 0)
+    params, bs = ExperimentDir(tiny_experiment.exp_dir).load_snapshot(0, 0)
     images = tiny_experiment.data.test[0]
     free = A.predict(params, bs, images, WIDTH)
     logits, _ = _apply(params, bs, images, train=True)
@@ -251,7 +252,7 @@ def test_predict_restricts_the_arg_max_to_the_given_classes(tiny_experiment):
 
 def test_eval_mode_uses_running_statistics(tiny_experiment):
     exp_dir, data = tiny_experiment.exp_dir, tiny_experiment.data
-    params, bs = load_snapshot(exp_dir, 0, EPOCHS_PER_TASK)
+    params, bs = ExperimentDir(exp_dir).load_snapshot(0, EPOCHS_PER_TASK)
     images = data.train[0]
     _, feats = _apply(params, bs, images, train=False)
     _, pooled = A.snapshot_features(params, bs, images, WIDTH, bn_mode="eval")
@@ -273,7 +274,7 @@ def test_rerun_gives_identical_numbers(tiny_experiment):
 def test_missing_snapshot_is_a_one_line_error_naming_the_file(tiny_experiment, tmp_path):
     exp_dir = tmp_path / "copy"
     shutil.copytree(tiny_experiment.exp_dir, exp_dir)
-    gone = snapshot_path(exp_dir, 1, NUM_TASKS * EPOCHS_PER_TASK)
+    gone = ExperimentDir(exp_dir).snapshot_path(1, NUM_TASKS * EPOCHS_PER_TASK)
     shutil.rmtree(gone)
     with pytest.raises(A.AnalysisError) as err:
         A.analyze_experiment(exp_dir, data=tiny_experiment.data, progress=False, log=lambda m: None)

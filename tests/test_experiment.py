@@ -12,9 +12,9 @@ from conftest import REPO_ROOT
 from experiments.run import main
 from lop_jax.config import ConfigError, load_config
 from lop_jax.data import load_data
-from lop_jax.experiment import make_plan, read_config, run_experiment, write_config
+from lop_jax.experiment import make_plan, run_experiment
 from lop_jax.model import ResNet18, count_params, init_model
-from lop_jax.results import load_snapshot
+from lop_jax.results import ExperimentDir, ResultsError
 from lop_jax.run_axis import stack_states
 from lop_jax.train import make_evaluate, task_data
 
@@ -29,6 +29,10 @@ ALL_METRICS = EPOCH_METRICS + STEP_METRICS + ("class_order",)
 
 def _arrays(exp_dir, index):
     return {m: np.load(exp_dir / m / f"index-{index}.npy") for m in ALL_METRICS}
+
+
+def load_snapshot(exp_dir, index, epoch):
+    return ExperimentDir(exp_dir).load_snapshot(index, epoch)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,7 @@ def test_smoke_config_and_status(smoke):
     stored = json.loads((exp_dir / "config.json").read_text())
     assert stored == cfg.to_dict()
     assert stored["network_width"] == 4 and stored["results_dir"] == str(exp_dir.parent)
-    assert read_config(exp_dir) == cfg
+    assert ExperimentDir(exp_dir).read_config() == cfg
     status = json.loads((exp_dir / "run_status" / "index-0.json").read_text())
     assert status["finished"] is True and status["epochs_done"] == cfg.num_epochs
 
@@ -91,7 +95,7 @@ def test_smoke_snapshots_at_task_boundaries(smoke):
     p1, s1 = load_snapshot(exp_dir, 0, e)
     assert not np.array_equal(p1["fc"]["bias"], p0["fc"]["bias"])
     assert not np.array_equal(s1["stem_bn"]["var"], s0["stem_bn"]["var"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ResultsError, match="epoch-1"):
         load_snapshot(exp_dir, 0, 1)
 
 
@@ -156,16 +160,18 @@ def test_config_mismatch_is_refused_and_keeps_the_old_config(smoke):
 
 def test_write_config_mismatch_names_every_differing_key(tmp_path):
     cfg = load_config(SMOKE, {"results_dir": str(tmp_path)})
-    exp_dir = tmp_path / cfg.experiment_name
-    write_config(cfg, exp_dir)
+    folder = ExperimentDir.of(cfg)
+    exp_dir = folder.path
+    assert exp_dir == tmp_path / cfg.experiment_name
+    folder.write_config(cfg)
     before = (exp_dir / "config.json").read_bytes()
     with pytest.raises(ConfigError) as info:
-        write_config(load_config(SMOKE, {"results_dir": str(tmp_path), "num_tasks": 3, "momentum": 0.5}), exp_dir)
+        folder.write_config(load_config(SMOKE, {"results_dir": str(tmp_path), "num_tasks": 3, "momentum": 0.5}))
     assert "num_tasks" in str(info.value) and "momentum" in str(info.value)
     assert "stepsize" not in str(info.value)
     assert (exp_dir / "config.json").read_bytes() == before
     # the locations (data_path, results_dir, num_workers) may differ between runs of one experiment
-    write_config(load_config(SMOKE, {"results_dir": str(tmp_path), "data_path": "/elsewhere"}), exp_dir)
+    folder.write_config(load_config(SMOKE, {"results_dir": str(tmp_path), "data_path": "/elsewhere"}))
     assert (exp_dir / "config.json").read_bytes() == before
 
 

@@ -24,6 +24,7 @@ from lop_jax import results as res
 from lop_jax.config import Config, ConfigError, load_config
 from lop_jax.data import load_data
 from lop_jax.experiment import RunError, RunInterrupted, run_experiment
+from lop_jax.results import ExperimentDir
 
 SMOKE = REPO_ROOT / "configs" / "smoke.json"
 STOP = 3  # epochs done when the in-process runs stop: task 2, epoch 1 of 2
@@ -58,7 +59,7 @@ def _leaves(tree):
 
 def _snapshots(exp_dir, cfg, index=0):
     """(params, batch_stats) leaves of every task-boundary snapshot, the final one last."""
-    return {e: _leaves(res.load_snapshot(exp_dir, index, e))
+    return {e: _leaves(ExperimentDir(exp_dir).load_snapshot(index, e))
             for e in range(0, cfg.num_epochs + 1, cfg.epochs_per_task)}
 
 
@@ -78,7 +79,7 @@ def assert_identical_runs(exp_a, exp_b, cfg, index=0):
         bad = [i for i, (x, y) in enumerate(zip(sa[epoch], sb[epoch], strict=True)) if not _same_bits(x, y)]
         assert not bad, f"snapshot after epoch {epoch}: leaves {bad} differ"
     for exp in (exp_a, exp_b):
-        assert res.load_status(exp, index) == {"epochs_done": cfg.num_epochs, "finished": True}
+        assert ExperimentDir(exp).status(index) == {"epochs_done": cfg.num_epochs, "finished": True}
 
 
 def _checkpoint_steps(exp_dir, index=0):
@@ -163,7 +164,7 @@ def test_stop_mid_task_and_resume_is_bit_identical(runs, algo, tmp_path):
     assert STOP % cfg.epochs_per_task != 0 and STOP < cfg.num_epochs  # the stop is in the middle of a task
     cfg, exp = runs.stopped(algo, tmp_path / "run")
     assert _checkpoint_steps(exp)[-1] == STOP
-    assert res.load_status(exp, 0) == {"epochs_done": STOP, "finished": False}
+    assert ExperimentDir(exp).status(0) == {"epochs_done": STOP, "finished": False}
     assert np.all(np.load(exp / "test_accuracy_per_epoch" / "index-0.npy")[STOP:] == 0)
     _, _, lines = runs.run(tmp_path / "run", algo)
     assert any(f"resuming after epoch {STOP}" in s for s in lines), lines
@@ -345,7 +346,7 @@ def test_non_finite_loss_from_the_start_names_epoch_and_step(runs, tmp_path):
         run_experiment(cfg, 0, data=runs.data, progress=False, log=lambda s: None)
     assert "\n" not in str(err.value)
     assert _checkpoint_steps(_exp_dir(tmp_path)) == []
-    assert res.load_status(_exp_dir(tmp_path), 0) == {"epochs_done": 0, "finished": False}
+    assert ExperimentDir(_exp_dir(tmp_path)).status(0) == {"epochs_done": 0, "finished": False}
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(runs, tmp_path, monkeypatch):
@@ -468,7 +469,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(runs, algo, tmp_path):
     exp = _exp_dir(tmp_path / "run")
     rc = _signal_after_checkpoint(tmp_path / "run", exp, tmp_path / "first.log", signal.SIGKILL, algo)
     assert rc == -signal.SIGKILL
-    killed_at = res.load_status(exp, 0)
+    killed_at = ExperimentDir(exp).status(0)
     assert killed_at is not None and not killed_at["finished"]
     for p in exp.glob("*/index-0.npy"):  # whatever was on disk is whole
         np.load(p)
@@ -490,7 +491,7 @@ def test_sigterm_stops_cleanly_with_130_and_the_rerun_is_bit_identical(runs, tmp
     done = int(stopped[0])
     assert 1 <= done < cfg.num_epochs
     assert _checkpoint_steps(exp)[-1] == done
-    assert res.load_status(exp, 0) == {"epochs_done": done, "finished": False}
+    assert ExperimentDir(exp).status(0) == {"epochs_done": done, "finished": False}
     out = _finish(tmp_path / "run", tmp_path / "second.log")
     assert f"resuming after epoch {done}" in out, out
     assert_identical_runs(ref, exp, cfg)

@@ -13,10 +13,10 @@ from conftest import REPO_ROOT
 from lop_jax import plots
 from lop_jax.analysis import ANALYSIS_METRICS, analyze_experiment
 from lop_jax.checkpoint import Checkpointer
-from lop_jax.config import load_config
-from lop_jax.experiment import OPERATIONAL_KEYS, RunInterrupted, run_experiments
+from lop_jax.config import OPERATIONAL_KEYS, load_config
+from lop_jax.experiment import RunInterrupted, run_experiments
 from lop_jax.model import feature_layers
-from lop_jax.results import load_snapshot
+from lop_jax.results import ExperimentDir
 from lop_jax.train import init_state
 
 SYSTEMS = ("base_deep_learning_system", "continual_backpropagation", "shrink_and_perturb", "head_resetting",
@@ -95,7 +95,7 @@ def test_task_boundary_resets_run_after_the_restore_and_the_snapshot(sweep, syst
     root, cfgs = sweep
     epoch = cfgs[system].epochs_per_task
     for index in INDICES:
-        snap_params, snap_stats = load_snapshot(root / system, index, epoch)
+        snap_params, snap_stats = ExperimentDir(root / system).load_snapshot(index, epoch)
         params, stats = _checkpoint_params(root, system, index, epoch, cfgs[system])
         assert not _same(params["fc"]["kernel"], snap_params["fc"]["kernel"])
         assert np.all(np.asarray(params["fc"]["bias"]) == 0)
