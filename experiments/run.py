@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if read_config_values(args.config).get("num_workers"):
         print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
     from lop_jax.algorithms import active_methods
-    from lop_jax.experiment import make_plan, run_experiments
+    from lop_jax.experiment import run_experiments
+    from lop_jax.plan import make_plan
     from lop_jax.results import ExperimentDir
 
     if args.dry_run:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lop_jax.config import Config, config_diff
+from lop_jax.config import Config, ConfigError, config_diff
 from lop_jax.errors import InputError
 from lop_jax.results import ExperimentDir
 
@@ -266,3 +266,27 @@ class Checkpointer:
 
 class CheckpointMismatch(InputError, ValueError):
     """A checkpoint from a different config."""
+
+
+def resume(checkpointers: Sequence[Checkpointer], states: list[Any], records: Sequence[Any],
+           say: Callable[[str], None]) -> tuple[list[Any], int]:
+    """Continue runs trained together from their newest readable checkpoints.
+
+    ``states`` are the runs' freshly initialised states (the templates of the restore); each run's
+    record (``lop_jax.records.RunResults``) gets its arrays and counters back. Returns the states
+    and the epochs done, which must be the same for every run (0 when none has a checkpoint)."""
+    states, starts = list(states), []
+    for k, (ckpt, record) in enumerate(zip(checkpointers, records, strict=True)):
+        restored = ckpt.latest(states[k], record.arrays, record.running, say)
+        if restored is None:
+            starts.append(0)
+            continue
+        states[k] = restored.state
+        record.restore(restored.arrays, restored.running, restored.train_summary_pos)
+        starts.append(restored.epochs_done)
+        say(f"index {record.index}: resuming after epoch {restored.epochs_done} from {ckpt.path}")
+    if len(set(starts)) > 1:
+        indices = [r.index for r in records]
+        raise ConfigError(f"indices {indices} stopped at different epochs {starts}; run them separately "
+                          "(or --restart) to run them together")
+    return states, starts[0]

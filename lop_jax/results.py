@@ -251,29 +251,6 @@ class ExperimentDir:
         return dest if moved else None
 
 
-EPOCH_METRICS = ("test_loss_per_epoch", "test_accuracy_per_epoch", "test_evaluation_runtime",
-                 "validation_loss_per_epoch", "validation_accuracy_per_epoch", "validation_evaluation_runtime",
-                 "epoch_runtime")
-STEP_METRICS = ("train_loss_per_checkpoint", "train_accuracy_per_checkpoint")
-
-
-class RunResults:
-    """Per-run result arrays, preallocated at full length like the reference's."""
-
-    def __init__(self, cfg: Config, index: int, class_order: np.ndarray, extra: dict[str, tuple] | None = None):
-        self.index = index
-        self.arrays: dict[str, np.ndarray] = {m: np.zeros(cfg.num_epochs, np.float32) for m in EPOCH_METRICS}
-        self.arrays.update({m: np.zeros(cfg.train_summaries, np.float32) for m in STEP_METRICS})
-        for name, shape in (extra or {}).items():
-            self.arrays[name] = np.zeros(shape, np.int64)
-        self.arrays["class_order"] = np.asarray(class_order, np.int64)
-        self.train_summary_pos = 0
-
-    def save(self, folder: ExperimentDir) -> None:
-        for name, arr in self.arrays.items():
-            folder.save_metric(name, self.index, arr)
-
-
 # Kept for code outside the package written against the earlier functions (notebooks, tests).
 def save_status(exp_dir: str | os.PathLike[str], index: int, epochs_done: int, finished: bool) -> None:
     ExperimentDir(exp_dir).save_status(index, epochs_done, finished)

@@ -12,8 +12,9 @@ from conftest import REPO_ROOT
 from experiments.run import main
 from lop_jax.config import ConfigError, load_config
 from lop_jax.data import load_data
-from lop_jax.experiment import make_plan, run_experiment
+from lop_jax.experiment import run_experiment
 from lop_jax.model import ResNet18, count_params, init_model
+from lop_jax.plan import make_plan
 from lop_jax.results import ExperimentDir, ResultsError
 from lop_jax.run_axis import stack_states
 from lop_jax.train import make_evaluate, task_data
