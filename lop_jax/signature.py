@@ -49,8 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lop_jax.config import ConfigError, make_config
+from lop_jax.config import ConfigError
 from lop_jax.errors import InputError
+from lop_jax.results import ExperimentDir, ResultsError
 
 BASE = "base_deep_learning_system"
 RETRAINED = "retrained_network"
@@ -135,11 +136,15 @@ class _System:
 
     def arrays(self, metric: str, expected: int) -> dict[int, np.ndarray]:
         out = {}
+        folder = ExperimentDir(self.path)
         for i in self.indices:
-            p = self.path / metric / f"index-{i}.npy"
-            if not p.is_file():
+            p = folder.metric_path(metric, i)
+            if not folder.has_metric(metric, i):
                 raise SignatureError(f"missing {p} of a finished run: rerun the sweep's analysis and export")
-            a = np.asarray(np.load(p), np.float64).ravel()
+            try:
+                a = np.asarray(folder.load_metric(metric, i), np.float64).ravel()
+            except ResultsError as err:
+                raise SignatureError(err.one_line()) from None
             if a.size != expected:
                 raise SignatureError(f"{p} has {a.size} values, {expected} expected")
             out[i] = a
@@ -157,30 +162,18 @@ class _System:
         return {i: 100.0 * a.reshape(self.num_tasks, self.epochs_per_task).max(axis=1) for i, a in raw.items()}
 
 
-def _finished(system_dir: Path) -> tuple[int, ...]:
-    done = []
-    for p in sorted((system_dir / "run_status").glob("index-*.json")):
-        try:
-            if json.loads(p.read_text()).get("finished"):
-                done.append(int(p.stem.split("-", 1)[1]))
-        except (ValueError, json.JSONDecodeError):
-            continue
-    return tuple(sorted(done))
-
-
 def _load_system(results_dir: Path, name: str) -> _System | None:
-    path = results_dir / name
-    indices = _finished(path)
-    if not indices:
-        return None
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise SignatureError(f"no config.json in {path}: the export is incomplete")
+    folder = ExperimentDir(results_dir / name)
     try:
-        cfg = make_config(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, ConfigError) as err:
-        raise SignatureError(f"cannot read {cfg_path}: {' '.join(str(err).split())}") from None
-    return _System(name, cfg.num_tasks, cfg.epochs_per_task, 8 * cfg.network_width, indices, path)
+        indices = tuple(folder.finished_indices() or ())
+        if not indices:
+            return None
+        if not folder.has_config():
+            raise SignatureError(f"no config.json in {folder.path}: the export is incomplete")
+        cfg = folder.read_config()
+    except (ResultsError, ConfigError) as err:
+        raise SignatureError(f"cannot read {folder.path}: {err.one_line()}") from None
+    return _System(name, cfg.num_tasks, cfg.epochs_per_task, 8 * cfg.network_width, indices, folder.path)
 
 
 def load_systems(results_dir: str | Path) -> dict[str, _System]:

@@ -27,18 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
+from lop_jax.results import ExperimentDir
 from lop_jax.sweep import SYSTEMS
 
 
 def _indices(exp: Path) -> list[int]:
     """The run indices of one system that have results."""
-    return sorted(int(f.stem.split("-")[1]) for f in (exp / "test_accuracy_per_epoch").glob("index-*.npy"))
+    return ExperimentDir(exp).metric_indices("test_accuracy_per_epoch")
 
 
 def _load(exp: Path, metric: str, indices: list[int]) -> np.ndarray | None:
     """One row per run index, or None when the metric is missing for any of them."""
-    paths = [exp / metric / f"index-{i}.npy" for i in indices]
-    return np.stack([np.load(p) for p in paths]) if paths and all(p.is_file() for p in paths) else None
+    folder = ExperimentDir(exp)
+    if not indices or not all(folder.has_metric(metric, i) for i in indices):
+        return None
+    return np.stack([folder.load_metric(metric, i) for i in indices])
 
 
 def _cell(values: np.ndarray, fmt: str) -> str:
@@ -52,12 +55,10 @@ def _cell(values: np.ndarray, fmt: str) -> str:
 def _end_of_task_training_accuracy(exp: Path, indices: list[int]) -> np.ndarray | None:
     """Per run and task, the mean running training accuracy (augmented images, in %) over the
     last tenth of the task's train summaries: whether a system fits its task."""
-    from lop_jax.config import make_config
-
     summaries = _load(exp, "train_accuracy_per_checkpoint", indices)
     if summaries is None:
         return None
-    cfg = make_config(json.loads((exp / "config.json").read_text()))
+    cfg = ExperimentDir(exp).read_config()
     per_task = [cfg.steps_per_epoch(t) // cfg.running_avg_window * cfg.epochs_per_task for t in range(cfg.num_tasks)]
     if summaries.shape[1] != sum(per_task) or min(per_task) < 1:
         return None
@@ -69,9 +70,9 @@ def _end_of_task_training_accuracy(exp: Path, indices: list[int]) -> np.ndarray 
 def candidate_table(results: Path, timing: dict) -> str:
     """One markdown table: a row per (system, quantity), a column per task; mean ± standard error
     over the run indices a system has (the row label says how many)."""
-    systems = [s for s in SYSTEMS if (results / s / "config.json").is_file()]
-    cfg = json.loads((results / systems[0] / "config.json").read_text())
-    tasks, cpt = cfg["num_tasks"], cfg["classes_per_task"]
+    systems = [s for s in SYSTEMS if ExperimentDir(results / s).has_config()]
+    cfg = ExperimentDir(results / systems[0]).read_config()
+    tasks, cpt = cfg.num_tasks, cfg.classes_per_task
     runs = {s: _indices(results / s) for s in systems}
     seeds = sorted({len(v) for v in runs.values()})
     label = "seed 0" if seeds == [1] else "mean ± s.e. over seeds"
@@ -127,7 +128,7 @@ def document_markers(text: str) -> list[str]:
 
 def has_arrays(results: Path) -> bool:
     """Whether a results folder holds at least one system with a config and test-accuracy arrays."""
-    return any((results / s / "config.json").is_file() and _indices(results / s) for s in SYSTEMS)
+    return any(ExperimentDir(results / s).has_config() and _indices(results / s) for s in SYSTEMS)
 
 
 def update_document(doc: Path, tables: dict[str, str]) -> list[str]:
