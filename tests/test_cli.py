@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import shutil
 
 import pytest
 from conftest import REPO_ROOT
 
 from experiments import analyze, benchmark, plot, run, scaled_sweep
 from lop_jax import cli
+from lop_jax.config import read_config_values
 from lop_jax.errors import (
     EXIT_FAILED,
     EXIT_INPUT,
@@ -218,7 +218,8 @@ def test_an_interrupted_sweep_exits_130_with_the_resume_hint(monkeypatch, tmp_pa
     import lop_jax.experiment as experiment_module
     import lop_jax.sweep as sweep_module
 
-    shutil.copy(SMOKE, tmp_path / "base_deep_learning_system.json")
+    # the smoke config resolved (its extends are relative to configs/), as a one-system config folder
+    (tmp_path / "base_deep_learning_system.json").write_text(json.dumps(read_config_values(SMOKE)))
 
     def stopped(*args, **kwargs):
         raise experiment_module.RunInterrupted("index 0 stopped after epoch 1; run the same command to resume")
