@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lop_jax import cli
-from lop_jax.errors import InputError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -85,22 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check(export_dir: Path) -> int:
     """Print the signature's criteria for an export; 0 when all pass, 1 when any fails; an export that
     cannot be judged is an ``InputError`` (2)."""
-    from lop_jax.signature import (
-        SignatureError,
-        check_signature,
-        compare_with_paper,
-        format_comparison,
-        format_criterion,
-    )
+    from lop_jax.signature import report_lines
 
-    try:
-        criteria = check_signature(export_dir / "results")
-        rows, orders = compare_with_paper(export_dir / "results")
-    except SignatureError as err:  # lop_jax.signature's error is not (yet) a LopJaxError
-        raise InputError(str(err)) from None
-    for c in criteria:
-        print(format_criterion(c))
-    for line in format_comparison(rows, orders):
+    lines, criteria = report_lines(export_dir / "results")  # SignatureError is an InputError: exit 2
+    for line in lines:
         print(line)
     failed = [c.name for c in criteria if not c.passed]
     if failed:

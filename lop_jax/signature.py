@@ -378,3 +378,11 @@ def format_comparison(rows: Sequence[SystemValues], checks: Sequence[OrderCheck]
         verdict = {True: "matches", False: "differs from", None: "cannot be compared with (systems missing)"}[c.matches]
         lines.append(f"  order of {c.quantity}: {', '.join(c.observed)} - {verdict} the paper's ({c.paper})")
     return lines
+
+
+def report_lines(results_dir: str | Path) -> tuple[list[str], list[Criterion]]:
+    """The criteria, one line each, then the comparison with the paper's order: what
+    ``python -m experiments.scaled_sweep --check`` prints and docs/scaled_protocol.md shows."""
+    criteria = check_signature(results_dir)
+    lines = [format_criterion(c) for c in criteria] + format_comparison(*compare_with_paper(results_dir))
+    return lines, criteria

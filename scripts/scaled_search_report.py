@@ -170,17 +170,10 @@ def collect_tables(root: Path) -> dict[str, str]:
 
 def signature_block(root: Path) -> str:
     """What ``python -m experiments.scaled_sweep --check`` prints for the chosen protocol, as a code block."""
-    from lop_jax.signature import (
-        SignatureError,
-        check_signature,
-        compare_with_paper,
-        format_comparison,
-        format_criterion,
-    )
+    from lop_jax.signature import SignatureError, report_lines
 
     try:
-        lines = [format_criterion(c) for c in check_signature(root / "results")]
-        lines += format_comparison(*compare_with_paper(root / "results"))
+        lines, _ = report_lines(root / "results")
     except SignatureError as err:
         lines = [f"error: {err}"]
     return "```\n" + "\n".join(lines) + "\n```"
