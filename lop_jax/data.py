@@ -52,11 +52,10 @@ class DataError(InputError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class CifarData:
-    """Images grouped by class: uint8 arrays [K, n, 32, 32, 3], row k = fine label k."""
+class _ByClass:
+    """Training and test images grouped by class: uint8 arrays [K, n, 32, 32, 3], row k = fine label k."""
 
     train: np.ndarray
-    val: np.ndarray
     test: np.ndarray
     names: tuple[str, ...]
     source: str
@@ -67,21 +66,19 @@ class CifarData:
 
 
 @dataclass(frozen=True)
-class FullSplit:
+class CifarData(_ByClass):
+    """A run's split: its training, validation (``val``) and test images per class."""
+
+    val: np.ndarray
+
+
+@dataclass(frozen=True)
+class FullSplit(_ByClass):
     """A source's whole training and test splits grouped by class: uint8 [K, n, 32, 32, 3].
 
     No validation images are taken out: ``train[k]`` is every training image of class k (500 for
     the real CIFAR-100, fewer for the embedded subset), ``test[k]`` every test image (100).
     """
-
-    train: np.ndarray
-    test: np.ndarray
-    names: tuple[str, ...]
-    source: str
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.train.shape[0])
 
 
 def _to_nhwc(rows: np.ndarray) -> np.ndarray:
