@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 
 from lop_jax import cli
 from lop_jax.config import ConfigError, load_config, read_config_values
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [m.name for m in active_methods(cfg)]
         print(f"  plasticity methods: {', '.join(names) if names else 'none (base deep-learning system)'}")
         return 0
+    start = time.perf_counter()
     try:
         run_experiments(cfg, indices, verbose=args.verbose, restart=args.restart)
     except KeyboardInterrupt:
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {err.filename}" if err.filename else ""
         raise CommandFailed(f"cannot write the results{where}: {err.strerror or err}; "
                             "nothing already written was removed") from None
+    from lop_jax.summary import end_of_run_text
+
+    print(end_of_run_text(ExperimentDir.of(cfg), indices, time.perf_counter() - start))
     return 0
 
 

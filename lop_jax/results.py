@@ -198,6 +198,10 @@ class ExperimentDir:
         found = map(_index_of, folder.glob("index-*.npy")) if folder.is_dir() else ()
         return sorted(i for i in found if i is not None)
 
+    def metric_names(self, index: int) -> list[str]:
+        """The metrics that run ``index`` has an array of, sorted."""
+        return sorted(f.parent.name for f in self.run_files(index) if f.suffix == ".npy")
+
     def run_files(self, index: int) -> list[Path]:
         """The small files of run ``index``: every metric array and its status (no weights, no
         checkpoints), sorted."""
@@ -249,6 +253,21 @@ class ExperimentDir:
                 shutil.move(str(item), str(dest / child.name / item.name))
                 moved = True
         return dest if moved else None
+
+
+def experiment_dirs(root: str | os.PathLike[str]) -> list[ExperimentDir]:
+    """The experiment directories directly under ``root``, by name: folders with a config, a run
+    status or a metric array (a results folder of the reference has only the arrays)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+        folder = ExperimentDir(child)
+        if folder.has_config() or folder.started_indices() is not None or any(
+                _index_of(f) is not None for sub in child.iterdir() if sub.is_dir() for f in sub.glob("index-*.npy")):
+            found.append(folder)
+    return found
 
 
 # Kept for code outside the package written against the earlier functions (notebooks, tests).
