@@ -265,21 +265,28 @@ def _representation_width(results_dir: Path, algorithms: Sequence[str]) -> int:
     return experiment_scale(results_dir / algorithms[0]).representation_width if algorithms else 512
 
 
-def plot_metric(results_dir: str | Path, algorithms: Sequence[str], metric: str, output_dir: str | Path,
-                drop_first_next_index: bool = False) -> list[Path]:
-    """Draw one metric for the algorithms; writes ``<output_dir>/<metric>.png`` and ``.svg``."""
+def metric_figure(results_dir: str | Path, algorithms: Sequence[str], metric: str,
+                  drop_first_next_index: bool = False) -> Figure:
+    """The figure of one metric for the algorithms (a Matplotlib ``Figure`` with an Agg canvas)."""
     if metric not in PLOT_METRICS:
         raise PlotError(f"unknown metric '{metric}'; choose one of {', '.join(PLOT_METRICS)}")
     results_dir = Path(results_dir)
     curves = metric_curves(results_dir, algorithms, metric, drop_first_next_index)
     fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     draw_curves(ax, curves, algorithm_colors(algorithms), metric, _representation_width(results_dir, algorithms))
+    return fig
+
+
+def plot_metric(results_dir: str | Path, algorithms: Sequence[str], metric: str, output_dir: str | Path,
+                drop_first_next_index: bool = False) -> list[Path]:
+    """Draw one metric for the algorithms; writes ``<output_dir>/<metric>.png`` and ``.svg``."""
+    fig = metric_figure(results_dir, algorithms, metric, drop_first_next_index)
     return _save(fig, Path(output_dir), metric)
 
 
-def plot_summary(results_dir: str | Path, algorithms: Sequence[str], output_dir: str | Path,
-                 drop_first_next_index: bool = False) -> list[Path]:
+def summary_figure(results_dir: str | Path, algorithms: Sequence[str], drop_first_next_index: bool = False) -> Figure:
     """The paper's main figure: relative accuracy, dormant units, stable rank, side by side.
 
     Without the retrained network among the algorithms the first panel shows test accuracy.
@@ -292,13 +299,20 @@ def plot_summary(results_dir: str | Path, algorithms: Sequence[str], output_dir:
     if BASELINE not in algorithms:
         metrics[0] = "test_accuracy_per_epoch"
     fig = Figure(figsize=(16.0, 4.8))
+    FigureCanvasAgg(fig)
     width = _representation_width(results_dir, learners)
     for k, metric in enumerate(metrics):
         algs = algorithms if "accuracy" in metric else learners
         curves = metric_curves(results_dir, algs, metric, drop_first_next_index)
         ax = fig.add_subplot(1, 3, k + 1)
         draw_curves(ax, curves, colors, metric, width)
-    return _save(fig, Path(output_dir), SUMMARY_NAME)
+    return fig
+
+
+def plot_summary(results_dir: str | Path, algorithms: Sequence[str], output_dir: str | Path,
+                 drop_first_next_index: bool = False) -> list[Path]:
+    """Draw the paper's main figure (``summary_figure``); writes ``<output_dir>/summary.png`` and ``.svg``."""
+    return _save(summary_figure(results_dir, algorithms, drop_first_next_index), Path(output_dir), SUMMARY_NAME)
 
 
 def plot_all(results_dir: str | Path, algorithms: Sequence[str], output_dir: str | Path,

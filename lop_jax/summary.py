@@ -59,6 +59,12 @@ class ExperimentSummary:
     def epochs_done(self) -> int:
         return sum(row.epochs for row in self.tasks)
 
+    @property
+    def total_seconds(self) -> float:
+        """The recorded time of all the runs, those trained together (vmapped: they record the same
+        times, to the bit) counted once."""
+        return sum(set(self.recorded_seconds.values()))
+
 
 def summarize(folder: ExperimentDir, indices: Sequence[int] | None = None) -> ExperimentSummary:
     """The summary of ``indices`` (default: the finished runs, or every run of a folder without run

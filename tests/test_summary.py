@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from experiments import plot as plot_cli
+from experiments import report as report_cli
 from experiments import run as run_cli
 from lop_jax.config import make_config
 from lop_jax.results import ExperimentDir, ResultsError
@@ -54,6 +55,9 @@ def test_the_table_reads_the_arrays_and_the_methods_columns(tmp_path):
     # task 2: best 60 and 40; final validation 70 and 30; replaced 51 and 57; no boundary after the last task
     assert rows[1] == ["2", "4", "50.0 ± 10.0", "50.0 ± 20.0", "-", "54 ± 3"]
     assert summary.recorded_seconds == {0: 15.0, 1: 15.0}  # 6 × (2 + 0.5); no validation time recorded
+    assert summary.total_seconds == 15.0  # the same times: trained together, counted once
+    folder.save_metric("epoch_runtime", 1, np.full(6, 1.0, np.float32))
+    assert summarize(folder).total_seconds == 15.0 + 9.0
 
     one = task_table(summarize(folder, [1]))[1]
     assert one[0][2:] == ["30.0", "20.0", "1.000", "21"]
@@ -123,8 +127,10 @@ def test_the_run_command_ends_with_the_table_times_folder_and_next_commands(cbp_
     assert list(commands) == ["analyse", "plot", "report"]
     assert commands["analyse"] == f"python -m experiments.analyze --results-dir {folder.path}"
 
-    # the plot command runs as printed
-    argv = shlex.split(commands["plot"])
-    assert argv[:3] == ["python", "-m", "experiments.plot"]
-    assert plot_cli.main(argv[3:] + ["--output-dir", str(root / "plots")]) == 0
-    assert (root / "plots" / "summary_table.csv").is_file()
+    # the plot and report commands run as printed
+    for name, cli_module in (("plot", plot_cli), ("report", report_cli)):
+        argv = shlex.split(commands[name])
+        assert argv[:3] == ["python", "-m", f"experiments.{name}"]
+        extra = ["--output-dir", str(root / "plots")] if name == "plot" else ["--out", str(root / "report.html")]
+        assert cli_module.main(argv[3:] + extra) == 0, name
+    assert (root / "plots" / "summary_table.csv").is_file() and (root / "report.html").is_file()
