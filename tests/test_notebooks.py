@@ -16,6 +16,9 @@ import pytest
 REPO_ROOT = Path(__file__).parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = ("quickstart.ipynb", "paper_figures.ipynb", "custom_algorithm.ipynb")
+# the notebooks whose first code cell installs lop-jax as LOP_JAX_SOURCE says (lop_jax.notebook_setup);
+# custom_algorithm.ipynb still asks for its REPO_URL to be edited
+FROM_SOURCE = ("quickstart.ipynb", "paper_figures.ipynb")
 CELL_TIMEOUT_S = 600
 
 
@@ -46,10 +49,30 @@ def test_stored_without_outputs(name):
 def test_reads_size_and_results_from_environment(name):
     sources = "\n".join(c.source for c in _code_cells(_read(name)))
     assert "LOP_JAX_NOTEBOOK_SIZE" in sources and "LOP_JAX_RESULTS" in sources
-    assert 'REPO_URL = "https://github.com/<owner>/lop-jax"' in sources
+    if name in FROM_SOURCE:
+        assert 'LOP_JAX_SOURCE = os.environ.get("LOP_JAX_SOURCE") or "auto"' in sources
+        assert "<owner>" not in (NOTEBOOK_DIR / name).read_text(), f"{name}: a placeholder to edit is left"
+    else:
+        assert 'REPO_URL = "https://github.com/<owner>/lop-jax"' in sources
     assert '"google.colab" in sys.modules' in sources
     assert any("figure" in c.metadata.get("tags", []) for c in _code_cells(_read(name))), \
         f"{name}: no cell is tagged 'figure'"
+
+
+def install_cell(name: str) -> str:
+    """The source of a notebook's install cell (its first code cell)."""
+    return _code_cells(_read(name))[0].source
+
+
+def test_the_install_cell_is_one_cell_in_every_notebook_that_has_it():
+    cells = {name: install_cell(name) for name in FROM_SOURCE}
+    assert len(set(cells.values())) == 1, "the install cells differ: change them together"
+    cell = cells[FROM_SOURCE[0]]
+    assert cell.startswith("# Install lop-jax.") and "from lop_jax.notebook_setup import install" in cell
+    for name in FROM_SOURCE:  # the first markdown cell says which Colab runtime to pick
+        intro = _read(name).cells[0]
+        assert intro.cell_type == "markdown" and "CPU" in intro.source and "runtime" in intro.source
+    assert "**GPU**" in _read("paper_figures.ipynb").cells[0].source
 
 
 @pytest.fixture(scope="module")
