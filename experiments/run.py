@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate, find the data, print the plan, and exit")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a Python module first (one that registers a plasticity method named in "
-                        "extra_methods); repeatable")
+                        "the config's methods); repeatable")
     p.add_argument("--restart", action="store_true",
                    help="start the index over; its old files are moved to <exp_dir>/previous_runs/, not deleted")
     return p
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     indices = cli.parse_indices(args.experiment_index)
     if read_config_values(args.config).get("num_workers"):
         print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")
-    from lop_jax.algorithms import active_methods
     from lop_jax.experiment import run_experiments
+    from lop_jax.methods import from_config
     from lop_jax.plan import make_plan
     from lop_jax.results import ExperimentDir
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print("plan:")
         for line in make_plan(cfg).lines():
             print(f"  {line}")
-        names = [m.name for m in active_methods(cfg)]
+        names = [m.name for m in from_config(cfg).methods]
         print(f"  plasticity methods: {', '.join(names) if names else 'none (base deep-learning system)'}")
         return 0
     start = time.perf_counter()

@@ -205,8 +205,8 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _feature_fn(width: int, bn_mode: str) -> Callable:
-    model = ResNet18(width)
+def _feature_fn(width: int, bn_mode: str, activation: str = "relu") -> Callable:
+    model = ResNet18(width, activation=activation)
 
     def fn(params: Any, batch_stats: Any, images: jax.Array) -> tuple[list[jax.Array], jax.Array]:
         x = normalize(images)
@@ -221,8 +221,8 @@ def _feature_fn(width: int, bn_mode: str) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def _predict_fn(width: int, bn_mode: str) -> Callable:
-    model = ResNet18(width)
+def _predict_fn(width: int, bn_mode: str, activation: str = "relu") -> Callable:
+    model = ResNet18(width, activation=activation)
 
     def fn(params: Any, batch_stats: Any, images: jax.Array, allowed: jax.Array) -> jax.Array:
         x = normalize(images)
@@ -241,24 +241,25 @@ def _check_bn_mode(bn_mode: str) -> None:
 
 
 def snapshot_features(params: Any, batch_stats: Any, images: Any, width: int,
-                      bn_mode: str = "train") -> tuple[list[np.ndarray], np.ndarray]:
+                      bn_mode: str = "train", activation: str = "relu") -> tuple[list[np.ndarray], np.ndarray]:
     """Forward uint8 NHWC images through a snapshot (no augmentation).
 
     Returns the per-layer channel activity of the 17 feature layers and the pooled features
     [B, 8·width]. ``bn_mode='train'`` uses the batch's statistics, as the reference does.
     """
     _check_bn_mode(bn_mode)
-    activity, pooled = _feature_fn(width, bn_mode)(params, batch_stats, jnp.asarray(images))
+    activity, pooled = _feature_fn(width, bn_mode, activation)(params, batch_stats, jnp.asarray(images))
     return [np.asarray(a) for a in activity], np.asarray(pooled)
 
 
 def predict(params: Any, batch_stats: Any, images: Any, width: int, bn_mode: str = "train",
-            classes: Sequence[int] | None = None) -> np.ndarray:
+            classes: Sequence[int] | None = None, activation: str = "relu") -> np.ndarray:
     """Predicted labels of uint8 NHWC images: arg-max over the outputs of ``classes`` (all if None)."""
     _check_bn_mode(bn_mode)
     allowed = np.zeros(NUM_OUTPUTS, bool)
     allowed[np.arange(NUM_OUTPUTS) if classes is None else np.asarray(classes, np.int64)] = True
-    return np.asarray(_predict_fn(width, bn_mode)(params, batch_stats, jnp.asarray(images), jnp.asarray(allowed)))
+    fn = _predict_fn(width, bn_mode, activation)
+    return np.asarray(fn(params, batch_stats, jnp.asarray(images), jnp.asarray(allowed)))
 
 
 def analysis_key(index: int, snapshot: int, role: int) -> jax.Array:
@@ -285,9 +286,10 @@ def sample_batch(pool: np.ndarray, classes: Sequence[int], key: jax.Array,
 
 
 def representation_metrics(params: Any, batch_stats: Any, images: np.ndarray, width: int,
-                           threshold: float = 0.01, bn_mode: str = "train") -> dict[str, float]:
+                           threshold: float = 0.01, bn_mode: str = "train",
+                           activation: str = "relu") -> dict[str, float]:
     """Dormant proportion, effective rank and stable rank of a snapshot on one batch."""
-    activity, pooled = snapshot_features(params, batch_stats, images, width, bn_mode)
+    activity, pooled = snapshot_features(params, batch_stats, images, width, bn_mode, activation)
     s = singular_values(pooled)
     return {"dormant": dormant_from_activity(activity, threshold),
             "effective_rank": float(_effective_rank_sv(s)),
@@ -296,7 +298,7 @@ def representation_metrics(params: Any, batch_stats: Any, images: np.ndarray, wi
 
 def class_accuracy_on_test(params: Any, batch_stats: Any, test: np.ndarray, class_order: np.ndarray,
                            key: jax.Array, width: int, bn_mode: str = "train", batch_size: int = TEST_BATCH,
-                           active_classes: Sequence[int] | None = None) -> np.ndarray:
+                           active_classes: Sequence[int] | None = None, activation: str = "relu") -> np.ndarray:
     """Accuracy of every class of ``class_order`` (in that order) on the clean test images.
 
     All test images of those classes are shuffled with ``key`` and passed in batches of
@@ -312,7 +314,8 @@ def class_accuracy_on_test(params: Any, batch_stats: Any, test: np.ndarray, clas
     preds = np.empty(n, np.int64)
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        preds[sl] = predict(params, batch_stats, test[labels[sl], within[sl]], width, bn_mode, active_classes)
+        preds[sl] = predict(params, batch_stats, test[labels[sl], within[sl]], width, bn_mode, active_classes,
+                            activation)
     return accuracy_per_class(preds, labels, class_order)
 
 
@@ -388,7 +391,7 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
             roles.append(("previous_tasks", class_order[:i * cpt], ROLE_PREVIOUS))
         for prefix, classes, role in roles:
             images = sample_batch(pool, classes, analysis_key(index, i, role))
-            m = representation_metrics(params, batch_stats, images, width, threshold, bn_mode)
+            m = representation_metrics(params, batch_stats, images, width, threshold, bn_mode, cfg.activation)
             out[f"{prefix}_dormant_units_analysis"][i] = m["dormant"]
             out[f"{prefix}_effective_rank_analysis"][i] = m["effective_rank"]
             out[f"{prefix}_stable_rank_analysis"][i] = m["stable_rank"]
@@ -397,7 +400,7 @@ def analyze_run(exp_dir: str | Path, cfg: Config, index: int, pool: np.ndarray, 
     params, batch_stats = folder.load_snapshot(index, epochs[-1])
     out["accuracy_per_class_in_order"] = class_accuracy_on_test(
         params, batch_stats, test, class_order, analysis_key(index, cfg.num_tasks, ROLE_TEST), width, bn_mode,
-        active_classes=class_order[:cfg.num_classes])
+        active_classes=class_order[:cfg.num_classes], activation=cfg.activation)
     if on_snapshot is not None:
         on_snapshot()
     return out

@@ -313,13 +313,22 @@ def reset_units(params: Params, batch_stats: Params, masks: Sequence[jax.Array],
     layer) as CBP does: fresh incoming weights ~ N(0, 2/fan_in), incoming bias 0, outgoing weights
     0, BatchNorm scale 1, shift 0, running mean 0, running var 1. Jittable; the building block for
     other unit-reset methods (e.g. ReDo)."""
+    params, batch_stats, _ = reset_units_and_momentum(params, batch_stats, None, masks, key, width=width)
+    return params, batch_stats
+
+
+def reset_units_and_momentum(params: Params, batch_stats: Params, opt_state: Any, masks: Sequence[jax.Array],
+                             key: jax.Array, *, width: int) -> tuple[Params, Params, Any]:
+    """``reset_units``, and when ``opt_state`` is not None the momentum of every weight it
+    re-initialises or zeroes set to 0 (as the textbook CBP variant does)."""
     layers = feature_layers(width)
     if len(masks) != len(layers):
         raise ValueError(f"expected {len(layers)} masks, got {len(masks)}")
     selections = [(jnp.arange(layer.channels), jnp.asarray(m, bool)) for layer, m in zip(layers, masks, strict=True)]
-    params, batch_stats, _ = _reinitialise(params, batch_stats, None, layers, selections,
-                                           [valid for _, valid in selections], key)
-    return params, batch_stats
+    momentum = None if opt_state is None else _get_momentum(opt_state)
+    params, batch_stats, momentum = _reinitialise(params, batch_stats, momentum, layers, selections,
+                                                  [valid for _, valid in selections], key)
+    return params, batch_stats, None if opt_state is None else _set_momentum(opt_state, momentum)
 
 
 def cbp_step(params: Params, batch_stats: Params, opt_state: Any, cbp_state: CBPState,

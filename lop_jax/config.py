@@ -69,13 +69,13 @@ class Config:
     cbp_decay_rate: float = 0.99
     cbp_variant: str = "reference"
     precision: str = "float32"
+    activation: str = "relu"
     epoch_mode: str = "auto"
     checkpoint_every_epochs: int = 1
     checkpoints_to_keep: int = 3
-    # extension seam: registered plasticity methods to run besides those the reference keys select,
-    # and free-form options per method name (see lop_jax.algorithms.register_method)
-    extra_methods: tuple[str, ...] = ()
-    method_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    # plasticity methods to run after those the reference keys select, in order, each
+    # {"name": ..., **options} (see lop_jax.methods); stored as (name, ((option, value), ...)) pairs
+    methods: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     _comments: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived quantities -------------------------------------------------------------
@@ -123,12 +123,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as JSON-ready data (comments dropped)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_comments"}
-        out["extra_methods"] = list(self.extra_methods)
+        out["methods"] = self.method_specs()
         return out
 
-    def options_for(self, method: str) -> dict[str, Any]:
-        """The ``method_options`` entry of a plasticity method ({} when there is none)."""
-        return dict(self.method_options.get(method, {}))
+    def method_specs(self) -> list[dict[str, Any]]:
+        """The ``methods`` key as written: ``[{"name": ..., **options}, ...]``."""
+        return [{"name": name, **dict(options)} for name, options in self.methods]
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "_comments"}
@@ -136,17 +136,8 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def _check_type(key: str, value: Any) -> Any:
-    if key == "extra_methods":
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"config key '{key}': expected a list of method names, got {value!r}")
-        if len(set(value)) != len(value):
-            raise ConfigError(f"config key '{key}': a method is named twice in {list(value)!r}")
-        return tuple(value)
-    if key == "method_options":
-        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-            raise ConfigError(f"config key '{key}': expected an object of {{method name: {{option: value}}}}, "
-                              f"got {value!r}")
-        return {k: dict(v) for k, v in value.items()}
+    if key == "methods":
+        return _check_methods(value)
     want = _TYPES[_FIELDS[key].type]
     if want is bool:
         if not isinstance(value, bool):
@@ -165,6 +156,43 @@ def _check_type(key: str, value: Any) -> Any:
     return value
 
 
+# the seam before lop_jax.methods; stored configs of that time hold them empty, which is ignored
+LEGACY_EMPTY_KEYS = {"extra_methods": [], "method_options": {}}
+
+
+def _check_methods(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key 'methods': expected a list of {{\"name\": ..., options}} objects, got {value!r}")
+    if not value:
+        return ()
+    from lop_jax.methods import MethodError, build, check_spec
+
+    out, names = [], []
+    for spec in value:
+        try:
+            name, options = check_spec(spec)
+            build({"name": name, **options})
+        except MethodError as err:
+            raise ConfigError(f"config key 'methods': {err}") from None
+        if name in names:
+            raise ConfigError(f"config key 'methods': plasticity method {name!r} is named twice")
+        names.append(name)
+        out.append((name, tuple(options.items())))
+    return tuple(out)
+
+
+def drop_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the old seam's keys when they are empty (a non-empty one is an error)."""
+    out = dict(values)
+    for key, empty in LEGACY_EMPTY_KEYS.items():
+        if key in out:
+            if out[key] != empty:
+                raise ConfigError(f"config key '{key}' was replaced by 'methods': list each method as "
+                                  '{"name": ..., option: value}')
+            del out[key]
+    return out
+
+
 def _validate(cfg: Config) -> None:
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
@@ -174,6 +202,13 @@ def _validate(cfg: Config) -> None:
     need(cfg.utility_function in UTILITIES, "utility_function", "must be 'weight' or 'contribution'")
     need(cfg.cbp_variant in CBP_VARIANTS, "cbp_variant", "must be 'reference' or 'textbook'")
     need(cfg.precision in PRECISIONS, "precision", "must be 'float32' or 'bfloat16'")
+    need(cfg.activation in ("relu", "crelu"), "activation", "must be 'relu' or 'crelu'")
+    if cfg.activation == "crelu":
+        need(cfg.network_width % 2 == 0, "network_width", "must be even with activation 'crelu'")
+        unit_resets = (["continual_backprop"] if cfg.use_cbp else []) + [m for m, _ in cfg.methods if m == "redo"]
+        need(not unit_resets, "activation",
+             f"'crelu' cannot run with {', '.join(unit_resets)}: they re-initialise a unit's producing "
+             "channel, which CReLU splits in two")
     need(cfg.checkpoint_every_epochs >= 0, "checkpoint_every_epochs", "must be >= 0 (0: task boundaries only)")
     need(cfg.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
     need(cfg.epoch_mode in EPOCH_MODES, "epoch_mode", "must be 'auto', 'scan' or 'loop'")
@@ -204,7 +239,7 @@ def make_config(values: dict[str, Any]) -> Config:
     """Build and validate a Config from a dict of reference/lop-jax keys."""
     comments = {}
     kwargs = {}
-    for key, value in values.items():
+    for key, value in drop_legacy_keys(values).items():
         if key.startswith("_"):
             comments[key] = value
             continue
@@ -288,5 +323,6 @@ def load_config(path: str | Path | Sequence[str | Path] | None,
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """Keys whose values differ between two resolved configs."""
+    a, b = drop_legacy_keys(a), drop_legacy_keys(b)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if k not in ignore and a.get(k) != b.get(k)]

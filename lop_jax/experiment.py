@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lop_jax import algorithms
+from lop_jax import methods as plasticity
 from lop_jax.checkpoint import Checkpointer, resume
 from lop_jax.config import OPERATIONAL_KEYS, Config, ConfigError
 from lop_jax.data import CifarData, load_data
@@ -113,7 +113,10 @@ def _prepare(cfg: Config, indices: list[int], restart: bool, log: Callable[[str]
     """Check the request, move the old files aside (``restart``) and guard the results folder."""
     if len(set(indices)) != len(indices) or not indices or min(indices) < 0:
         raise ConfigError(f"--experiment-index: expected distinct indices >= 0, got {indices}")
-    algorithms.check_methods(cfg)
+    try:  # every named method builds (one registered after the config loaded may be gone), before anything is written
+        plasticity.from_config(cfg)
+    except plasticity.MethodError as err:
+        raise ConfigError(f"config key 'methods': {err}") from None
     folder = ExperimentDir.of(cfg)
     if restart:
         for index in indices:
@@ -219,7 +222,7 @@ class _Loop:
 class _Trained(NamedTuple):
     losses: np.ndarray  # [S, steps]
     accs: np.ndarray  # [S, steps]
-    replaced: np.ndarray  # [S, feature layers]: units CBP replaced
+    metrics: dict[str, np.ndarray]  # the plasticity methods' per-step metrics over the epoch, [S, ...]
     seconds: float
 
 
@@ -248,10 +251,10 @@ def _train(loop: _Loop, state: Any, epoch: int, data: TaskData) -> tuple[Any, _T
     cfg = loop.cfg
     lr = jnp.float32(cfg.stepsize_at(epoch))
     t0 = time.perf_counter()
-    state, losses, accs, replaced = loop.train_epoch(state, data, lr, jnp.int32(epoch),
+    state, losses, accs, metrics = loop.train_epoch(state, data, lr, jnp.int32(epoch),
                                                      n_active=cfg.active_classes(epoch // cfg.epochs_per_task))
-    losses, accs, replaced = jax.device_get((losses, accs, replaced))
-    trained = _Trained(losses, accs, replaced, time.perf_counter() - t0)
+    losses, accs, metrics = jax.device_get((losses, accs, metrics))
+    trained = _Trained(losses, accs, metrics, time.perf_counter() - t0)
     for k, index in enumerate(loop.runs.indices):
         bad = np.flatnonzero(~np.isfinite(losses[k]))
         if bad.size:
@@ -285,7 +288,8 @@ def _record(loop: _Loop, epoch: int, trained: _Trained, evaluated: _Evaluated) -
         record.record_train_steps(trained.losses[k], trained.accs[k], loop.report.train_summary)
     for k, record in enumerate(loop.runs.records):
         record.record_epoch(epoch, test=(test_loss[k], test_acc[k]), validation=(val_loss[k], val_acc[k]),
-                            seconds=(trained.seconds, *evaluated.seconds), replaced=trained.replaced[k])
+                            seconds=(trained.seconds, *evaluated.seconds),
+                            metrics={name: m[k] for name, m in trained.metrics.items()})
     loop.report.epoch(epoch, epoch // loop.cfg.epochs_per_task, float(np.mean(test_acc)), float(np.mean(val_acc)),
                       trained.seconds)
 
@@ -297,7 +301,10 @@ def _end_of_task(loop: _Loop, state: Any, epoch: int) -> Any:
     state = end_task(state, restore=cfg.early_stopping)
     loop.runs.save_snapshots(epoch + 1, state)
     if task + 1 < cfg.num_tasks:
-        state = task_boundary_reset(cfg, state, task)
+        state, metrics = task_boundary_reset(cfg, state, task)
+        metrics = jax.device_get(metrics)
+        for k, record in enumerate(loop.runs.records):
+            record.record_task_boundary(task, {name: m[k] for name, m in metrics.items()})
         loop.report.message(f"task {task + 1} done: {cfg.active_classes(task + 1)} classes from now on")
     return state
 

@@ -65,6 +65,27 @@ class BatchNorm(nn.Module):
         return ((x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype))
 
 
+ACTIVATIONS = ("relu", "crelu")
+
+
+def crelu(x: jax.Array) -> jax.Array:
+    """Concatenated ReLU (Shang et al., 2016; Abbas et al., 2023): [relu(x), relu(-x)] along the
+    channels, so that a unit's input is never cut off on both sides."""
+    return jnp.concatenate([nn.relu(x), nn.relu(-x)], axis=-1)
+
+
+def activation_fn(activation: str):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return nn.relu if activation == "relu" else crelu
+
+
+def produced_channels(channels: int, activation: str) -> int:
+    """Output channels of the conv feeding a ``channels``-wide activation: half of them under CReLU,
+    which doubles them, so every feature map keeps the ReLU network's width."""
+    return channels // 2 if activation == "crelu" else channels
+
+
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any, conv_grad: str = "auto") -> nn.Conv:
     """A conv layer; ``conv_grad`` picks how its kernel gradient is computed (``lop_jax.conv.conv_fn``):
     ``xla`` (XLA's own), ``slices`` (a sum of per-tap matmuls), ``auto`` (``slices`` on the CPU backend
@@ -82,19 +103,24 @@ class BasicBlock(nn.Module):
     stride: int
     dtype: Any = jnp.float32
     conv_grad: str = "auto"
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        h = _conv(self.features, 3, self.stride, "conv1", self.dtype, self.conv_grad)(x)
-        mid = nn.relu(BatchNorm(name="bn1")(h, train))
-        h = _conv(self.features, 3, 1, "conv2", self.dtype, self.conv_grad)(mid)
+        act = activation_fn(self.activation)
+        inner = produced_channels(self.features, self.activation)
+        h = _conv(inner, 3, self.stride, "conv1", self.dtype, self.conv_grad)(x)
+        mid = act(BatchNorm(name="bn1")(h, train))
+        h = _conv(inner, 3, 1, "conv2", self.dtype, self.conv_grad)(mid)
         h = BatchNorm(name="bn2")(h, train)
         if self.stride != 1 or x.shape[-1] != self.features:
-            sc = _conv(self.features, 1, self.stride, "shortcut_conv", self.dtype, self.conv_grad)(x)
+            sc = _conv(inner, 1, self.stride, "shortcut_conv", self.dtype, self.conv_grad)(x)
             sc = BatchNorm(name="shortcut_bn")(sc, train)
+        elif self.activation == "crelu":  # relu(z) - relu(-z) = z: the previous block's sum, before CReLU
+            sc = x[..., :inner] - x[..., inner:]
         else:
             sc = x
-        return nn.relu(h + sc), mid
+        return act(h + sc), mid
 
 
 class ResNet18(nn.Module):
@@ -107,24 +133,31 @@ class ResNet18(nn.Module):
     layers where they are faster, and one convolution per run under ``vmap``; plain XLA convolutions
     on other backends), ``xla`` or ``slices`` (every conv). Parameters are the same in every mode, and
     so are outputs and input gradients bit for bit (under ``vmap``: equal to the per-run results).
+
+    ``activation`` 'crelu' replaces every ReLU by a concatenated ReLU (``crelu``); each conv then
+    produces half the channels, so every feature map and the head keep the same width, and an
+    identity shortcut carries the previous block's sum before its CReLU (recovered exactly as
+    relu(z) − relu(−z)), since a sum of CReLU outputs is not one.
     """
 
     width: int = 64
     num_outputs: int = NUM_OUTPUTS
     dtype: Any = jnp.float32
     conv_grad: str = "auto"
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True,
                  return_features: bool = False) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         x = x.astype(self.dtype)
-        h = _conv(self.width, 3, 1, "stem_conv", self.dtype, self.conv_grad)(x)
-        h = nn.relu(BatchNorm(name="stem_bn")(h, train))
+        act = activation_fn(self.activation)
+        h = _conv(produced_channels(self.width, self.activation), 3, 1, "stem_conv", self.dtype, self.conv_grad)(x)
+        h = act(BatchNorm(name="stem_bn")(h, train))
         feats = [h]
         for b in range(8):
             stage = b // 2
             stride = 2 if (stage > 0 and b % 2 == 0) else 1
-            h, mid = BasicBlock(self.width * 2 ** stage, stride, self.dtype, self.conv_grad,
+            h, mid = BasicBlock(self.width * 2 ** stage, stride, self.dtype, self.conv_grad, self.activation,
                                 name=f"block{b}")(h, train)
             feats.append(mid)
             feats.append(h)

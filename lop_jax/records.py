@@ -3,7 +3,10 @@
 ``RunResults`` holds every array at its full length from the start (zeros until written), like the
 reference, and is the only code that fills them: one ``record_epoch`` per epoch, one
 ``record_train_steps`` per epoch for the running train summaries (float32 sums carried across
-epochs, an entry every ``running_avg_window`` steps). ``save`` writes them to the run's files.
+epochs, an entry every ``running_avg_window`` steps). Every metric the run's plasticity methods
+declare gets an array too: ``<name>_per_epoch`` ([epochs, *shape], the epoch's sum or mean) and
+``<name>_per_task`` ([tasks - 1, *shape], one row per task boundary). ``save`` writes them to the
+run's files.
 """
 
 from __future__ import annotations
@@ -13,15 +16,27 @@ from typing import Any
 
 import numpy as np
 
+from lop_jax import methods as plasticity
 from lop_jax.config import Config
 from lop_jax.results import ExperimentDir
-from lop_jax.train import NUM_FEATURE_LAYERS
 
 EPOCH_METRICS = ("test_loss_per_epoch", "test_accuracy_per_epoch", "test_evaluation_runtime",
                  "validation_loss_per_epoch", "validation_accuracy_per_epoch", "validation_evaluation_runtime",
                  "epoch_runtime")
 STEP_METRICS = ("train_loss_per_checkpoint", "train_accuracy_per_checkpoint")
-REPLACED = "replaced_units_per_epoch"  # CBP runs only: units replaced per epoch and feature layer
+REPLACED = "replaced_units_per_epoch"  # CBP's metric: units replaced per epoch and feature layer
+
+
+def step_metric_array(name: str) -> str:
+    return f"{name}_per_epoch"
+
+
+def task_metric_array(name: str) -> str:
+    return f"{name}_per_task"
+
+
+def _zeros(rows: int, spec: plasticity.MetricSpec) -> np.ndarray:
+    return np.zeros((rows, *spec.shape), np.int64 if spec.is_integer else np.float32)
 
 
 class RunResults:
@@ -32,8 +47,12 @@ class RunResults:
         self.window = cfg.running_avg_window
         self.arrays: dict[str, np.ndarray] = {m: np.zeros(cfg.num_epochs, np.float32) for m in EPOCH_METRICS}
         self.arrays.update({m: np.zeros(cfg.train_summaries, np.float32) for m in STEP_METRICS})
-        if cfg.use_cbp:
-            self.arrays[REPLACED] = np.zeros((cfg.num_epochs, NUM_FEATURE_LAYERS), np.int64)
+        method = plasticity.from_config(cfg)
+        self.step_metrics = tuple(method.metrics)
+        self.task_metrics = tuple(method.task_metrics)
+        self.arrays.update({step_metric_array(n): _zeros(cfg.num_epochs, s) for n, s in method.metrics.items()})
+        self.arrays.update({task_metric_array(n): _zeros(cfg.num_tasks - 1, s)
+                            for n, s in method.task_metrics.items()})
         self.arrays["class_order"] = np.asarray(class_order, np.int64)
         self.running = np.zeros(2, np.float32)  # the current window's sums of loss and accuracy
         self.train_summary_pos = 0  # entries of the train summaries written so far
@@ -55,16 +74,22 @@ class RunResults:
                 self.running[:] = 0
 
     def record_epoch(self, epoch: int, *, test: tuple[Any, Any], validation: tuple[Any, Any],
-                     seconds: tuple[float, float, float], replaced: np.ndarray | None = None) -> None:
+                     seconds: tuple[float, float, float], metrics: dict[str, np.ndarray]) -> None:
         """One epoch's (loss, accuracy) on the test and validation images, its wall times (training,
-        test evaluation, validation evaluation) and, for CBP, the units replaced per layer."""
+        test evaluation, validation evaluation) and the plasticity methods' per-step metrics reduced
+        over the epoch."""
         a = self.arrays
         a["epoch_runtime"][epoch], a["test_evaluation_runtime"][epoch], a["validation_evaluation_runtime"][epoch] = \
             seconds
         a["test_loss_per_epoch"][epoch], a["test_accuracy_per_epoch"][epoch] = test
         a["validation_loss_per_epoch"][epoch], a["validation_accuracy_per_epoch"][epoch] = validation
-        if REPLACED in a and replaced is not None:
-            a[REPLACED][epoch] = replaced
+        for name in self.step_metrics:
+            a[step_metric_array(name)][epoch] = metrics[name]
+
+    def record_task_boundary(self, task: int, metrics: dict[str, np.ndarray]) -> None:
+        """The plasticity methods' metrics at the boundary after task ``task`` (0-based)."""
+        for name in self.task_metrics:
+            self.arrays[task_metric_array(name)][task] = metrics[name]
 
     def restore(self, arrays: dict[str, np.ndarray], running: np.ndarray, train_summary_pos: int) -> None:
         """Continue from a checkpoint's copy of the arrays and counters."""

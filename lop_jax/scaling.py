@@ -19,6 +19,12 @@ total over a task equals the paper's (``scaled_step_values``):
 - CBP's maturity threshold (steps a new unit is protected): ``round(maturity_threshold · r)``
   keeps the protected share of a task.
 
+The plasticity methods beyond the paper's follow the same rule for their step-counted options
+(``METHOD_STEP_OPTIONS``, ``scaled_method_spec``): a period in steps × r (ReDo's ``every``), a
+force applied every step ÷ r (L2 Init's ``strength``), an independent per-step noise ÷ √r (UPGD's
+``noise_std``) and a running average over steps keeps its time constant's share of a task,
+1 − β → (1 − β) / r (UPGD's ``beta_utility``).
+
 docs/scaled_protocol.md derives the rule and reports what it gives.
 """
 
@@ -57,3 +63,35 @@ def scaled_step_values(paper: Config, ratio: float) -> dict[str, Any]:
         "replacement_rate": paper.replacement_rate / ratio,
         "maturity_threshold": round(paper.maturity_threshold * ratio),
     }
+
+
+# method name → option → how it counts steps: a period ("steps"), a per-step force ("force"), an
+# independent per-step noise ("noise") or the weight β of a running average over steps ("average")
+METHOD_STEP_OPTIONS: dict[str, dict[str, str]] = {
+    "redo": {"every": "steps"},
+    "l2_init": {"strength": "force"},
+    "upgd": {"noise_std": "noise", "beta_utility": "average"},
+}
+
+
+def scaled_method_spec(spec: dict[str, Any], ratio: float) -> dict[str, Any]:
+    """A ``methods`` entry of a paper config with its step-counted options scaled for ``ratio``."""
+    if not ratio > 0:
+        raise ValueError(f"the step ratio must be > 0, got {ratio}")
+    out = dict(spec)
+    for option, kind in METHOD_STEP_OPTIONS.get(spec["name"], {}).items():
+        if option not in out:
+            continue
+        value = out[option]
+        if kind == "steps":
+            out[option] = max(1, round(value * ratio))
+        elif kind == "force":
+            out[option] = value / ratio
+        elif kind == "noise":
+            out[option] = value / math.sqrt(ratio)
+        else:
+            if (1.0 - value) / ratio >= 1:
+                raise ValueError(f"{spec['name']}.{option} = {value}: a running average this short cannot be "
+                                 f"scaled by {ratio}")
+            out[option] = 1.0 - (1.0 - value) / ratio
+    return out

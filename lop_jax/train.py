@@ -7,9 +7,10 @@ single run is a stack of one, so there is one path. A task's data travels as a `
 names its fields (``RUN_AXES``), not positions.
 
 The train step is one pure function: the images live on the device, the shuffle and the
-augmentation run there from JAX keys, and the optimiser step and the plasticity algorithm's
-per-step hook are fused into it. An epoch is either one compiled ``lax.scan`` over the steps
-(accelerators) or a loop of the jitted step (CPU), with the same keys and results. The head
+augmentation run there from JAX keys, and the optimiser step and the plasticity methods' hooks
+(``lop_jax.methods``: a loss term, an update rule, a per-step hook) are fused into it. An epoch
+is either one compiled ``lax.scan`` over the steps (accelerators) or a loop of the jitted step
+(CPU), with the same keys and results. The head
 always has 100 logits and the active classes are a boolean mask, so a new task changes data,
 not code.
 
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lop_jax import algorithms
+from lop_jax import methods as plasticity
 from lop_jax.augment import augment, normalize
 from lop_jax.config import Config
 from lop_jax.model import NUM_OUTPUTS, ResNet18, init_model
@@ -54,7 +55,7 @@ class TrainState:
 
 def make_model(cfg: Config) -> ResNet18:
     dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
-    return ResNet18(width=cfg.network_width, num_outputs=NUM_OUTPUTS, dtype=dtype)
+    return ResNet18(width=cfg.network_width, num_outputs=NUM_OUTPUTS, dtype=dtype, activation=cfg.activation)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -78,7 +79,7 @@ def init_state(cfg: Config, index: int) -> TrainState:
     opt_state = make_optimizer(cfg).init(params)
     return TrainState(
         params=params, batch_stats=batch_stats, opt_state=opt_state,
-        algo_state=algorithms.init_algo_state(cfg, params),
+        algo_state=plasticity.from_config(cfg).init(params),
         best_params=jax.tree_util.tree_map(jnp.copy, params),
         best_batch_stats=jax.tree_util.tree_map(jnp.copy, batch_stats),
         best_acc=jnp.zeros((), jnp.float32), has_best=jnp.zeros((), jnp.bool_), key=key)
@@ -125,20 +126,26 @@ def task_data(images: jax.Array, class_orders: jax.Array, n_active: int) -> Task
     return TaskData(images, class_orders, jax.vmap(active_mask, in_axes=(0, None))(class_orders, n_active))
 
 
-def make_train_step(cfg: Config) -> Callable:
+def make_train_step(cfg: Config, method: plasticity.PlasticityMethod | None = None) -> Callable:
     """The pure train step of one run: ``(state, data, idx, key, lr) → (state, loss, accuracy,
-    replaced_per_layer)``: gather the batch ``idx`` of ``data``, augment it, take the SGD step
-    (semantics §4) and run the plasticity algorithm's per-step hook."""
+    metrics)``: gather the batch ``idx`` of ``data``, augment it, take the SGD step (semantics §4)
+    with the plasticity methods' loss term and update rule, then their per-step hook. ``metrics``
+    holds the methods' per-step metrics. ``method`` defaults to the config's
+    (``lop_jax.methods.from_config``)."""
     model = make_model(cfg)
     tx = make_optimizer(cfg)
-    use_features = algorithms.needs_features(cfg)
+    method = plasticity.from_config(cfg) if method is None else method
+    use_features = method.uses_features
 
-    def loss_fn(params, batch_stats, x, labels, mask):
+    def loss_fn(params, batch_stats, algo_state, key, x, labels, mask):
         (logits, feats), new_vars = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True,
             return_features=True, mutable=["batch_stats"])
         loss, acc = masked_loss_and_accuracy(logits, labels, mask)
-        return loss, (acc, feats if use_features else None, new_vars["batch_stats"])
+        objective = loss
+        if method.loss is not None:
+            objective = loss + method.loss(plasticity.MethodArgs(params, batch_stats, None, algo_state, key))
+        return objective, (loss, acc, tuple(feats) if use_features else None, new_vars["batch_stats"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -146,15 +153,34 @@ def make_train_step(cfg: Config) -> Callable:
         k_aug, k_algo = jax.random.split(key)
         raw, labels = _gather(data.images, data.class_order, idx)
         x = augment(k_aug, normalize(raw))
-        (loss, (acc, feats, new_bs)), grads = grad_fn(st.params, st.batch_stats, x, labels, data.mask)
+        (_, (loss, acc, feats, new_bs)), grads = grad_fn(st.params, st.batch_stats, st.algo_state, k_algo, x,
+                                                          labels, data.mask)
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        algo_state, metrics = st.algo_state, {}
+        if method.update is not None:
+            out = method.update(plasticity.MethodArgs(st.params, new_bs, opt_state, algo_state, k_algo,
+                                                      grads=grads, updates=updates))
+            updates, algo_state, metrics = out.updates, out.state, dict(out.metrics)
         params = jax.tree_util.tree_map(lambda p, u: p - lr * u, st.params, updates)
-        params, new_bs, opt_state, algo_state, replaced = algorithms.after_step(
-            cfg, params, new_bs, opt_state, st.algo_state, feats, k_algo)
+        if method.after_step is not None:
+            out = method.after_step(plasticity.MethodArgs(params, new_bs, opt_state, algo_state, k_algo,
+                                                          features=feats))
+            params, new_bs, opt_state, algo_state = out.params, out.batch_stats, out.opt_state, out.state
+            metrics.update(out.metrics)
+        plasticity.check_metrics(metrics, method.metrics, method.name, "per-step")
         st = st.replace(params=params, batch_stats=new_bs, opt_state=opt_state, algo_state=algo_state)
-        return st, loss, acc, replaced
+        return st, loss, acc, metrics
 
     return train_step
+
+
+def reduce_metrics(method: plasticity.PlasticityMethod, per_step: dict[str, jax.Array], axis: int) -> dict:
+    """An epoch's per-step metrics (steps along ``axis``) reduced as each metric declares."""
+    out = {}
+    for name, spec in method.metrics.items():
+        values = per_step[name]
+        out[name] = jnp.sum(values, axis=axis) if spec.reduce == "sum" else jnp.mean(values, axis=axis)
+    return out
 
 
 def _epoch_keys(root: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -195,14 +221,16 @@ def _donate() -> tuple[int, ...]:
 
 def make_train_epoch(cfg: Config) -> Callable:
     """Build the epoch of stacked runs: ``(state, data, lr, epoch, n_active) → (state,
-    step_losses [S, steps], step_accuracies [S, steps], replaced_per_layer [S, 17])``, ``data``
-    the runs' ``TaskData`` of the training images.
+    step_losses [S, steps], step_accuracies [S, steps], metrics)``, ``data`` the runs' ``TaskData``
+    of the training images and ``metrics`` the plasticity methods' per-step metrics reduced over
+    the epoch (``{name: [S, *shape]}``).
 
     Both modes run the same step with the same keys: ``scan`` compiles one run's whole epoch
     (its shuffle, then a ``lax.scan`` over its steps), mapped over the runs, into one program
     (once per task); ``loop`` shuffles, then dispatches the mapped step per batch (compiled once
     per run) with no host sync inside."""
-    train_step = make_train_step(cfg)
+    method = plasticity.from_config(cfg)
+    train_step = make_train_step(cfg, method)
     batch = cfg.train_batch_size
 
     def run_step(st, data, idx, epoch, step, lr):
@@ -213,11 +241,11 @@ def make_train_epoch(cfg: Config) -> Callable:
             batches = _batches(st.key, epoch, n_active * data.images.shape[1], batch)
 
             def body(st, step):
-                st, loss, acc, replaced = run_step(st, data, batches[step], epoch, step, lr)
-                return st, (loss, acc, replaced)
+                st, loss, acc, metrics = run_step(st, data, batches[step], epoch, step, lr)
+                return st, (loss, acc, metrics)
 
-            st, (losses, accs, replaced) = jax.lax.scan(body, st, jnp.arange(batches.shape[0]))
-            return st, losses, accs, jnp.sum(replaced, axis=0)
+            st, (losses, accs, metrics) = jax.lax.scan(body, st, jnp.arange(batches.shape[0]))
+            return st, losses, accs, reduce_metrics(method, metrics, axis=0)
 
         @partial(jax.jit, static_argnames=("n_active",), donate_argnums=_donate())
         def scan_epoch(state, data, lr, epoch, n_active: int):
@@ -231,13 +259,14 @@ def make_train_epoch(cfg: Config) -> Callable:
 
     def loop_epoch(state, data, lr, epoch, n_active: int):
         batches = epoch_batches(state.key, epoch, n_active * data.images.shape[1], batch)
-        losses, accs, replaced = [], [], []
+        losses, accs, metrics = [], [], []
         for step in range(batches.shape[1]):
-            state, loss, acc, rep = steps_of_runs(state, data, batches[:, step], epoch, jnp.int32(step), lr)
+            state, loss, acc, m = steps_of_runs(state, data, batches[:, step], epoch, jnp.int32(step), lr)
             losses.append(loss)
             accs.append(acc)
-            replaced.append(rep)
-        return state, jnp.stack(losses, axis=1), jnp.stack(accs, axis=1), jnp.sum(jnp.stack(replaced), axis=0)
+            metrics.append(m)
+        stacked = {name: jnp.stack([m[name] for m in metrics], axis=1) for name in method.metrics}
+        return state, jnp.stack(losses, axis=1), jnp.stack(accs, axis=1), reduce_metrics(method, stacked, axis=1)
 
     return loop_epoch
 
@@ -323,15 +352,22 @@ def end_task(state: TrainState, restore: bool) -> TrainState:
     return jax.vmap(partial(_end_task, restore=restore))(state)
 
 
-def _boundary_reset(cfg: Config, state: TrainState, task: jax.Array) -> TrainState:
+def _boundary_reset(method: plasticity.PlasticityMethod, state: TrainState, task: jax.Array) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(jax.random.fold_in(state.key, STREAM_TASK), task)
-    params, batch_stats = algorithms.at_task_boundary(cfg, state.params, state.batch_stats, key)
-    return state.replace(params=params, batch_stats=batch_stats)
+    out = method.at_task_boundary(plasticity.MethodArgs(state.params, state.batch_stats, state.opt_state,
+                                                        state.algo_state, key))
+    plasticity.check_metrics(out.metrics, method.task_metrics, method.name, "task-boundary")
+    return state.replace(params=out.params, batch_stats=out.batch_stats, opt_state=out.opt_state,
+                         algo_state=out.state), out.metrics
 
 
-def task_boundary_reset(cfg: Config, state: TrainState, task: int) -> TrainState:
-    """Apply the algorithm's task-boundary hook (head/network reset) to every run before task ``task + 1``."""
-    return jax.jit(jax.vmap(partial(_boundary_reset, cfg), in_axes=(0, None)))(state, jnp.int32(task))
+def task_boundary_reset(cfg: Config, state: TrainState, task: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Apply the plasticity methods' task-boundary hooks (e.g. head or network reset) to every run
+    before task ``task + 1``; also their task-boundary metrics ({name: [S, *shape]})."""
+    method = plasticity.from_config(cfg)
+    if method.at_task_boundary is None:
+        return state, {}
+    return jax.jit(jax.vmap(partial(_boundary_reset, method), in_axes=(0, None)))(state, jnp.int32(task))
 
 
 def eval_key(state: TrainState, epoch: int) -> jax.Array:

@@ -21,19 +21,16 @@ from lop_jax.train import init_state
 
 SYSTEMS = ("base_deep_learning_system", "continual_backpropagation", "shrink_and_perturb", "head_resetting",
            "retrained_network")
-SMOKE = {"data_source": "embedded", "network_width": 8, "num_tasks": 2, "classes_per_task": 5,
-         "epochs_per_task": 4, "train_images_per_class": 40, "val_images_per_class": 10,
-         "test_images_per_class": 20, "train_batch_size": 20, "test_batch_size": 50, "val_batch_size": 50,
-         "running_avg_window": 5, "checkpoints_to_keep": 10}
+SCALE = REPO_ROOT / "configs" / "scales" / "systems_test.json"
 # CBP at smoke scale: mature after 2 steps, rate·channels 0.1–0.8 per step, so every layer replaces
 CBP = {"maturity_threshold": 2, "replacement_rate": 0.0125}
 INDICES = [0]
 
 
 def smoke_config(system: str, results_dir, **extra):
-    overrides = {**SMOKE, **(CBP if system == "continual_backpropagation" else {}), **extra,
-                 "results_dir": str(results_dir)}
-    return load_config(REPO_ROOT / "configs" / f"{system}.json", overrides)
+    overrides = {**(CBP if system == "continual_backpropagation" else {}), **extra, "results_dir": str(results_dir),
+                 "experiment_name": system}
+    return load_config([REPO_ROOT / "configs" / f"{system}.json", SCALE], overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
-"""The algorithm seam: built-in methods selected by the reference's config keys, shrink and perturb,
-head and full resets, CBP through ``after_step``, and the registry for new methods."""
+"""The plasticity-method seam (``lop_jax.methods``): the paper's methods selected by the reference's
+config keys and run through the hooks, ``chain``, the registry and the config's ``methods`` key."""
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from lop_jax import algorithms as alg
+from lop_jax import methods as lm
 from lop_jax.cbp import CBPState, replacement_increments
 from lop_jax.config import ConfigError, load_config, make_config
+from lop_jax.methods import MethodArgs
 from lop_jax.model import ResNet18, feature_layers
 
 W = 2
@@ -64,6 +64,16 @@ def cfg(**values):
     return make_config({"network_width": W, **values})
 
 
+def after_step(c, params, bs, opt, state, feats, key):
+    """The config's methods' per-step hook: (params, batch_stats, opt_state, state, metrics)."""
+    return tuple(lm.from_config(c).after_step(MethodArgs(params, bs, opt, state, key, features=feats)))
+
+
+def at_task_boundary(c, params, bs, opt, key):
+    out = lm.from_config(c).at_task_boundary(MethodArgs(params, bs, opt, {}, key))
+    return out.params, out.batch_stats, out.opt_state
+
+
 def leaves_equal(a, b) -> bool:
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
@@ -81,16 +91,20 @@ def leaves_equal(a, b) -> bool:
 ])
 def test_reference_configs_select_their_method(name, methods):
     c = load_config(CONFIGS / f"{name}.json")
-    assert [m.name for m in alg.active_methods(c)] == methods
-    assert alg.needs_features(c) == (methods == ["continual_backprop"])
-    state = alg.init_algo_state(c, None)
+    method = lm.from_config(c)
+    assert [m.name for m in method.methods] == methods
+    assert method.uses_features == (methods == ["continual_backprop"])
+    params = jax.eval_shape(lambda: ResNet18(64).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                                      train=False))["params"]
+    state = method.init(params)
     if methods == ["continual_backprop"]:
         assert list(state) == ["continual_backprop"]
         cbp = state["continual_backprop"]
         assert isinstance(cbp, CBPState)
         assert [u.shape[0] for u in cbp.utility] == [layer.channels for layer in feature_layers(64)]
+        assert dict(method.metrics) == {"replaced_units": lm.MetricSpec((17,), jnp.int32)}
     else:
-        assert state == {}
+        assert state == {} and dict(method.metrics) == {}
 
 
 def test_out_of_range_cbp_settings_are_config_errors():
@@ -105,22 +119,17 @@ def test_out_of_range_cbp_settings_are_config_errors():
 # ---- per-step hooks -----------------------------------------------------------------------------
 
 
-def test_after_step_is_identity_without_a_per_step_method():
-    params, bs = tiny_world()
-    opt = optimiser_state(params)
-    c = cfg(reset_head=True)
-    p, b, o, s, replaced = alg.after_step(c, params, bs, opt, alg.init_algo_state(c, params), None,
-                                          jax.random.PRNGKey(0))
-    assert p is params and b is bs and o is opt and s == {}
-    assert replaced.dtype == jnp.int32 and np.asarray(replaced).tolist() == [0] * 17
+def test_a_config_without_a_per_step_method_has_no_per_step_hook():
+    assert lm.from_config(cfg(reset_head=True)).after_step is None
+    assert lm.from_config(cfg()).after_step is None and lm.from_config(cfg()).at_task_boundary is None
 
 
 def test_shrink_and_perturb_noise_has_the_right_std_and_is_reproducible():
     params, bs = tiny_world()
     opt = optimiser_state(params)
     c = cfg(noise_std=0.01)
-    step = jax.jit(functools.partial(alg.after_step, c))
-    p1, b1, o1, s1, rep = step(params, bs, opt, {}, None, jax.random.PRNGKey(1))
+    step = jax.jit(functools.partial(after_step, c))
+    p1, b1, o1, s1, metrics = step(params, bs, opt, {}, None, jax.random.PRNGKey(1))
     again = step(params, bs, opt, {}, None, jax.random.PRNGKey(1))[0]
     other = step(params, bs, opt, {}, None, jax.random.PRNGKey(2))[0]
     assert leaves_equal(p1, again)
@@ -133,8 +142,7 @@ def test_shrink_and_perturb_noise_has_the_right_std_and_is_reproducible():
     d2 = np.concatenate([(np.asarray(n) - np.asarray(o)).ravel() for n, o in
                          zip(jax.tree_util.tree_leaves(other), jax.tree_util.tree_leaves(params), strict=True)])
     assert abs(np.corrcoef(d, d2)[0, 1]) < 0.05
-    assert leaves_equal(b1, bs) and leaves_equal(o1, opt) and s1 == {}
-    assert np.asarray(rep).tolist() == [0] * 17
+    assert leaves_equal(b1, bs) and leaves_equal(o1, opt) and s1 == {} and metrics == {}
 
 
 def test_cbp_runs_through_after_step_before_the_noise():
@@ -142,14 +150,15 @@ def test_cbp_runs_through_after_step_before_the_noise():
     opt = optimiser_state(params)
     c = cfg(use_cbp=True, replacement_rate=0.2, maturity_threshold=1, utility_function="contribution",
             noise_std=1e-3)
-    assert [m.name for m in alg.active_methods(c)] == ["continual_backprop", "shrink_and_perturb"]
-    state = alg.init_algo_state(c, params)
-    step = jax.jit(functools.partial(alg.after_step, c))
-    feats = features()
+    method = lm.from_config(c)
+    assert [m.name for m in method.methods] == ["continual_backprop", "shrink_and_perturb"]
+    state = method.init(params)
+    step = jax.jit(functools.partial(after_step, c))
+    feats = tuple(features())
     history = []
     for t in range(4):
-        new_params, bs, opt, state, replaced = step(params, bs, opt, state, feats, jax.random.PRNGKey(t))
-        history.append(np.asarray(replaced))
+        new_params, bs, opt, state, metrics = step(params, bs, opt, state, feats, jax.random.PRNGKey(t))
+        history.append(np.asarray(metrics["replaced_units"]))
         if t == 1:  # first eligible step: the 8- and 16-channel layers replace (rate·channels >= 1)
             ages = np.asarray(state["continual_backprop"].age[16])
             fresh = np.flatnonzero(ages == 0)
@@ -175,23 +184,25 @@ def test_cbp_needs_the_features():
     c = cfg(use_cbp=True, replacement_rate=0.2, maturity_threshold=1)
     params, bs = tiny_world()
     with pytest.raises(ValueError, match="feature maps"):
-        alg.after_step(c, params, bs, optimiser_state(params), alg.init_algo_state(c, params), None,
-                       jax.random.PRNGKey(0))
+        after_step(c, params, bs, optimiser_state(params), lm.from_config(c).init(params), None,
+                   jax.random.PRNGKey(0))
 
 
 # ---- task-boundary hooks ------------------------------------------------------------------------
 
 
-def test_task_boundary_never_sees_the_optimiser_state():
-    assert list(inspect.signature(alg.at_task_boundary).parameters) == ["cfg", "params", "batch_stats", "key"]
+def test_the_resets_keep_the_momentum_as_the_reference():
     params, bs = tiny_world()
-    p, b = alg.at_task_boundary(cfg(), params, bs, jax.random.PRNGKey(0))
-    assert p is params and b is bs
+    opt = optimiser_state(params)
+    for c in (cfg(reset_head=True), cfg(reset_network=True)):
+        _, b, o = at_task_boundary(c, params, bs, opt, jax.random.PRNGKey(0))
+        assert o is opt and b is bs
 
 
 def test_head_reset_changes_only_the_linear_layer():
     params, bs = tiny_world()
-    p, b = alg.at_task_boundary(cfg(reset_head=True), params, bs, jax.random.PRNGKey(3))
+    opt = optimiser_state(params)
+    p, b, _ = at_task_boundary(cfg(reset_head=True), params, bs, opt, jax.random.PRNGKey(3))
     assert b is bs
     for name in params:
         if name != "fc":
@@ -201,13 +212,13 @@ def test_head_reset_changes_only_the_linear_layer():
     assert not np.any(kernel == np.asarray(params["fc"]["kernel"]))
     assert abs(kernel.std() / math.sqrt(1 / (8 * W)) - 1) < 0.08 and abs(kernel.mean()) < 0.03
     assert np.all(np.asarray(p["fc"]["bias"]) == 0)
-    again, _ = alg.at_task_boundary(cfg(reset_head=True), params, bs, jax.random.PRNGKey(3))
+    again, _, _ = at_task_boundary(cfg(reset_head=True), params, bs, opt, jax.random.PRNGKey(3))
     assert leaves_equal(again, p)
 
 
 def test_full_reset_reinitialises_all_weights_but_keeps_running_statistics():
     params, bs = tiny_world()
-    p, b = alg.at_task_boundary(cfg(reset_network=True), params, bs, jax.random.PRNGKey(4))
+    p, b, _ = at_task_boundary(cfg(reset_network=True), params, bs, optimiser_state(params), jax.random.PRNGKey(4))
     assert b is bs  # BatchNorm running statistics kept (reference quirk)
     zs = []
     for path, new in jax.tree_util.tree_flatten_with_path(p)[0]:
@@ -233,107 +244,140 @@ def test_full_reset_reinitialises_all_weights_but_keeps_running_statistics():
 
 def test_both_resets_run_head_then_network():
     c = cfg(reset_head=True, reset_network=True)
-    assert [m.name for m in alg.active_methods(c)] == ["head_reset", "full_reset"]
+    assert [m.name for m in lm.from_config(c).methods] == ["head_reset", "full_reset"]
     params, bs = tiny_world()
-    p, b = alg.at_task_boundary(c, params, bs, jax.random.PRNGKey(5))
-    full, _ = alg.at_task_boundary(cfg(reset_network=True), params, bs, jax.random.PRNGKey(5))
+    opt = optimiser_state(params)
+    p, b, _ = at_task_boundary(c, params, bs, opt, jax.random.PRNGKey(5))
+    full, _, _ = at_task_boundary(cfg(reset_network=True), params, bs, opt, jax.random.PRNGKey(5))
     assert leaves_equal(p, full)  # the full reset draws with its own key, after the head reset
     assert b is bs
 
 
-# ---- registry -----------------------------------------------------------------------------------
+# ---- chain --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def toy_method():
-    def init_state(c, params):
-        return {"steps": jnp.zeros((), jnp.int32)}
+def halve_fc_bias(name="halve", metric="halved"):
+    """A toy method: halves the Linear bias after every step, counts its steps, adds 1 at boundaries."""
+    def after(args):
+        params = dict(args.params, fc=dict(args.params["fc"], bias=args.params["fc"]["bias"] * 0.5))
+        return lm.MethodUpdate(params, args.batch_stats, args.opt_state, args.state + 1,
+                               {metric: jnp.ones((), jnp.int32)})
 
-    def after_step(c, params, batch_stats, opt_state, state, feats, key):
-        params = dict(params, fc=dict(params["fc"], bias=params["fc"]["bias"] * 0.5))
-        return params, batch_stats, opt_state, {"steps": state["steps"] + 1}, jnp.ones((17,), jnp.int32)
+    def boundary(args):
+        params = dict(args.params, fc=dict(args.params["fc"], bias=args.params["fc"]["bias"] + 1.0))
+        return lm.MethodUpdate(params, args.batch_stats, args.opt_state, args.state, {})
 
-    def at_boundary(c, params, batch_stats, key):
-        return dict(params, fc=dict(params["fc"], bias=params["fc"]["bias"] + 1.0)), batch_stats
-
-    method = alg.register_method(alg.PlasticityMethod(
-        name="toy_redo", enabled=lambda c: c.experiment_name == "toy_redo", init_state=init_state,
-        after_step=after_step, at_task_boundary=at_boundary))
-    yield method
-    alg.unregister_method("toy_redo")
+    return lm.PlasticityMethod(name, init=lambda params: jnp.zeros((), jnp.int32), after_step=after,
+                               at_task_boundary=boundary, metrics={metric: lm.MetricSpec((), jnp.int32)})
 
 
-def test_registered_method_runs_without_touching_the_train_loop(toy_method):
-    assert "toy_redo" in alg.registered_methods()
-    with pytest.raises(ValueError, match="already registered"):
-        alg.register_method(toy_method)
-    c = cfg(experiment_name="toy_redo", noise_std=0.01)
-    assert [m.name for m in alg.active_methods(c)] == ["shrink_and_perturb", "toy_redo"]
-    assert alg.active_methods(cfg()) == []
+def test_chain_runs_its_methods_in_order_each_with_its_state_and_key():
     params, bs = tiny_world()
-    state = alg.init_algo_state(c, params)
-    assert list(state) == ["toy_redo"]
     opt = optimiser_state(params)
-    p, b, o, state, replaced = alg.after_step(c, params, bs, opt, state, None, jax.random.PRNGKey(0))
-    assert int(state["toy_redo"]["steps"]) == 1 and np.asarray(replaced).tolist() == [1] * 17
-    # the noise ran first (registration order), then the toy halved the perturbed bias
-    assert np.all(np.abs(np.asarray(p["fc"]["bias"]) - 0.15) < 0.05)
-    p2, _ = alg.at_task_boundary(c, params, bs, jax.random.PRNGKey(0))
+    noise = lm.shrink_and_perturb(noise_std=0.01)
+    method = lm.chain(noise, halve_fc_bias())
+    assert [m.name for m in method.methods] == ["shrink_and_perturb", "halve"]
+    state = method.init(params)
+    assert list(state) == ["halve"]
+    out = method.after_step(MethodArgs(params, bs, opt, state, jax.random.PRNGKey(0)))
+    assert int(out.state["halve"]) == 1 and int(out.metrics["halved"]) == 1
+    # the noise ran first, then the toy halved the perturbed bias
+    assert np.all(np.abs(np.asarray(out.params["fc"]["bias"]) - 0.15) < 0.05)
+    alone = noise.after_step(MethodArgs(params, bs, opt, None, lm.method_key(jax.random.PRNGKey(0),
+                                                                              "shrink_and_perturb")))
+    np.testing.assert_array_equal(np.asarray(out.params["fc"]["bias"]),
+                                  np.asarray(alone.params["fc"]["bias"]) * np.float32(0.5))
+    # the toy's key-free hook does not change the noise's draws (each method's key is fixed by its name)
+    swapped = lm.chain(halve_fc_bias(), noise).after_step(MethodArgs(params, bs, opt, state, jax.random.PRNGKey(0)))
+    assert leaves_equal(swapped.params["stem_conv"], out.params["stem_conv"])
+    p2 = method.at_task_boundary(MethodArgs(params, bs, opt, state, jax.random.PRNGKey(0))).params
     assert np.allclose(np.asarray(p2["fc"]["bias"]), 1.3)
 
 
-# ---- the config seam for new methods: extra_methods, method_options, reset_units -------------------
+def test_chain_refuses_a_name_or_a_metric_twice():
+    with pytest.raises(ValueError, match="twice"):
+        lm.chain(halve_fc_bias(), halve_fc_bias(metric="other"))
+    with pytest.raises(ValueError, match="metric named 'halved'"):
+        lm.chain(halve_fc_bias(), halve_fc_bias(name="again"))
 
 
-def test_extra_methods_switches_a_registered_method_on_with_its_options():
-    seen = []
-
-    def after_step(c, params, batch_stats, opt_state, state, feats, key):
-        seen.append(c.options_for("scale_fc"))
-        factor = c.options_for("scale_fc")["factor"]
-        return dict(params, fc=dict(params["fc"], kernel=params["fc"]["kernel"] * factor)), batch_stats, \
-            opt_state, state, None
-
-    alg.register_method(alg.PlasticityMethod(name="scale_fc", after_step=after_step))
-    try:
-        params, bs = tiny_world()
-        assert alg.active_methods(cfg()) == []  # registered but not named: off
-        c = cfg(extra_methods=["scale_fc"], method_options={"scale_fc": {"factor": 0.5}})
-        assert [m.name for m in alg.active_methods(c)] == ["scale_fc"]
-        p, *_ = alg.after_step(c, params, bs, optimiser_state(params), {}, None, jax.random.PRNGKey(0))
-        np.testing.assert_array_equal(np.asarray(p["fc"]["kernel"]), np.asarray(params["fc"]["kernel"]) * 0.5)
-        assert seen == [{"factor": 0.5}]
-        assert c.to_dict()["extra_methods"] == ["scale_fc"]  # JSON-ready, reloads to the same config
-        assert make_config(c.to_dict()) == c
-    finally:
-        alg.unregister_method("scale_fc")
+# ---- registry and the config's methods key ------------------------------------------------------
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"extra_methods": "redo"}, "config key 'extra_methods': expected a list"),
-    ({"extra_methods": ["a", "a"]}, "config key 'extra_methods': a method is named twice"),
-    ({"method_options": {"redo": 3}}, "config key 'method_options': expected an object"),
+def scale_fc(*, factor: float, every: int = 1) -> lm.PlasticityMethod:
+    """A toy factory: the Linear kernel times ``factor`` after every step."""
+    if not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor!r}")
+
+    def after(args):
+        params = dict(args.params, fc=dict(args.params["fc"], kernel=args.params["fc"]["kernel"] * factor))
+        return lm.MethodUpdate(params, args.batch_stats, args.opt_state, args.state, {})
+
+    return lm.PlasticityMethod("scale_fc", after_step=after)
+
+
+@pytest.fixture
+def registered_scale_fc():
+    lm.register("scale_fc", scale_fc)
+    yield
+    lm.unregister("scale_fc")
+
+
+def test_a_registered_factory_runs_from_the_config_with_its_options(registered_scale_fc):
+    params, bs = tiny_world()
+    c = cfg(methods=[{"name": "scale_fc", "factor": 1}], noise_std=0.01)
+    assert c.methods == (("scale_fc", (("factor", 1.0),)),)  # typed as the factory's annotation says
+    assert [m.name for m in lm.from_config(c).methods] == ["shrink_and_perturb", "scale_fc"]
+    p, *_ = after_step(cfg(methods=[{"name": "scale_fc", "factor": 0.5}]), params, bs, optimiser_state(params), {},
+                       None, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(p["fc"]["kernel"]), np.asarray(params["fc"]["kernel"]) * 0.5)
+    assert c.to_dict()["methods"] == [{"name": "scale_fc", "factor": 1.0}]  # JSON-ready, reloads the same
+    assert make_config(c.to_dict()) == c
+    with pytest.raises(ValueError, match="already registered"):
+        lm.register("scale_fc", lambda: None)
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("redo", "expected a list"),
+    ([{"threshold": 0.1}], "an object with a 'name'"),
+    ([{"name": "no_such_method"}], "no plasticity method named 'no_such_method'"),
+    ([{"name": "scale_fc"}], "option 'factor' is required"),
+    ([{"name": "scale_fc", "factr": 2.0}], "has no option 'factr'"),
+    ([{"name": "scale_fc", "factor": "big"}], "option 'factor' must be a number"),
+    ([{"name": "scale_fc", "factor": 1.0, "every": 1.5}], "option 'every' must be an integer"),
+    ([{"name": "scale_fc", "factor": -1.0}], "'scale_fc': factor must be > 0"),
+    ([{"name": "scale_fc", "factor": 1.0}, {"name": "scale_fc", "factor": 2.0}], "named twice"),
 ])
-def test_extension_keys_have_typed_errors(values, message):
-    with pytest.raises(ConfigError, match=message):
-        cfg(**values)
+def test_a_misnamed_or_misconfigured_method_is_a_one_line_config_error(registered_scale_fc, methods, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        cfg(methods=methods)
+    assert str(err.value).startswith("config key 'methods'") and "\n" not in str(err.value)
 
 
-def test_an_unregistered_method_is_a_named_error_before_anything_is_written(tmp_path):
+def test_the_old_seams_keys_load_when_empty_and_name_their_successor_otherwise():
+    assert cfg(extra_methods=[], method_options={}) == cfg()
+    with pytest.raises(ConfigError, match="config key 'extra_methods' was replaced by 'methods'"):
+        cfg(extra_methods=["redo"])
+
+
+def test_an_unknown_method_is_a_named_error_before_anything_is_written(tmp_path):
     from lop_jax.experiment import run_experiments
 
-    for key, value in (("extra_methods", ["no_such_method"]), ("method_options", {"no_such_method": {}})):
-        c = cfg(**{key: value}, results_dir=str(tmp_path), experiment_name="x")
-        with pytest.raises(ConfigError, match=f"config key '{key}': no plasticity method named 'no_such_method'"):
-            run_experiments(c, [0], progress=False)
-        assert not (tmp_path / "x").exists()
+    lm.register("scale_fc", scale_fc)
+    c = cfg(methods=[{"name": "scale_fc", "factor": 2.0}], results_dir=str(tmp_path), experiment_name="x")
+    lm.unregister("scale_fc")
+    with pytest.raises(ConfigError, match="no plasticity method named 'scale_fc'"):
+        run_experiments(c, [0], progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_reset_units_reinitialises_only_the_chosen_units_like_cbp():
+    from lop_jax.cbp import reset_units
+
     params, bs = tiny_world()
     masks = [jnp.zeros((layer.channels,), bool) for layer in LAYERS]
     masks[3] = masks[3].at[1].set(True)  # block1.conv1: output channel 1 of 2
-    p, b = jax.jit(functools.partial(alg.reset_units, width=W))(params, bs, masks, jax.random.PRNGKey(3))
+    p, b = jax.jit(functools.partial(reset_units, width=W))(params, bs, masks, jax.random.PRNGKey(3))
     layer = LAYERS[3]
     k_old, k_new = (np.asarray(t[layer.producer[0]][layer.producer[1]]["kernel"]) for t in (params, p))
     assert not np.array_equal(k_new[..., 1], k_old[..., 1])
