@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from lop_jax import cli
+from lop_jax import cli, tracking
 from lop_jax.config import ConfigError, load_config, read_config_values
 from lop_jax.data import find_local_copy, load_data
 from lop_jax.errors import CommandFailed, Interrupted
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the config's methods); repeatable")
     p.add_argument("--restart", action="store_true",
                    help="start the index over; its old files are moved to <exp_dir>/previous_runs/, not deleted")
+    cli.add_log_option(p)
     return p
 
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run (or with --dry-run plan) the experiment; exit codes as in ``lop_jax.errors``."""
     args = build_parser().parse_args(argv)
+    track = tracking.parse_kinds(args.log)
+    tracking.check_available(track)
     overrides = cli.config_overrides(args)
     for module in args.imports:
         try:
@@ -64,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}")
         names = [m.name for m in from_config(cfg).methods]
         print(f"  plasticity methods: {', '.join(names) if names else 'none (base deep-learning system)'}")
+        print(f"  live tracking: {', '.join(track) if track else 'none (--log tensorboard|wandb)'}")
         return 0
     start = time.perf_counter()
     try:
-        run_experiments(cfg, indices, verbose=args.verbose, restart=args.restart)
+        run_experiments(cfg, indices, verbose=args.verbose, restart=args.restart, track=track)
     except KeyboardInterrupt:
         raise Interrupted("interrupted twice: the current epoch was abandoned; the last checkpoint stays, "
                           "run the same command to resume") from None

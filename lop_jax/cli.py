@@ -41,6 +41,14 @@ def add_results_dir(parser: argparse.ArgumentParser, help: str = "override the c
     parser.add_argument("--results-dir", "--results_dir", dest="results_dir", help=help, **kwargs)
 
 
+def add_log_option(parser: argparse.ArgumentParser, what: str = "every epoch") -> None:
+    """``--log tensorboard|wandb`` (repeatable or comma-separated): live tracking, off by default."""
+    parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                        help=f"track {what} live in 'tensorboard' or 'wandb' (offline unless WANDB_MODE says "
+                             "otherwise), or both: repeat the option or separate with a comma; needs "
+                             "pip install 'lop-jax[track]'")
+
+
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys a command line overrides: each ``--set`` in turn, then ``--data-dir`` as
     ``data_path`` and ``--results-dir`` as ``results_dir`` where the command has them and they are given."""

@@ -9,7 +9,8 @@ function each (semantics §1, §5, §8):
 
 - train: the compiled epoch; a non-finite loss stops the run (``RunError``);
 - evaluate: the active classes' test and validation images; the best-validation copy is kept;
-- record: each run's arrays (``lop_jax.records``) and the progress display;
+- record: each run's arrays (``lop_jax.records``), the live trackers if asked for
+  (``lop_jax.tracking``) and the progress display;
 - end of task: the copy is restored (early stopping), the snapshots saved, the algorithm's
   task-boundary hook applied;
 - checkpoint: checkpoints and result files at their cadence; a requested stop ends the run
@@ -23,7 +24,7 @@ The other jobs live elsewhere: the results folder in ``lop_jax.results``, checkp
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -42,6 +43,7 @@ from lop_jax.records import RunResults
 from lop_jax.results import ExperimentDir
 from lop_jax.run_axis import seed_sharding, stack_states, unstack_state
 from lop_jax.stopping import StopRequest
+from lop_jax.tracking import Tracking, check_available
 from lop_jax.train import (
     TaskData,
     class_order_for,
@@ -79,10 +81,12 @@ def run_experiment(cfg: Config, index: int, data: CifarData | None = None, verbo
 
 def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = None, verbose: bool = False,
                     progress: bool = True, log: Callable[[str], None] = print, restart: bool = False,
-                    stop_after_epoch: int | None = None) -> list[RunResults]:
+                    stop_after_epoch: int | None = None, track: Sequence[str] = ()) -> list[RunResults]:
     """Run several indices of ``cfg`` in one process: their states are stacked along a run axis
     and every step, evaluation and hook is mapped over it (sharded over devices when several are
-    visible). Each index keeps its own results, snapshots and checkpoints."""
+    visible). Each index keeps its own results, snapshots and checkpoints. ``track`` names live
+    trackers (``lop_jax.tracking``: "tensorboard", "wandb"), one tracked run per index."""
+    check_available(track)
     folder = _prepare(cfg, indices, restart, log)
     data = data if data is not None else load_data(cfg)
     if cfg.num_classes > data.num_classes:
@@ -92,6 +96,7 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
     states = [init_state(cfg, i) for i in indices]
     runs = _Runs.start(cfg, indices, folder, orders)
     report = Progress(cfg, runs.label, verbose, progress, log)
+    tracking = Tracking()
     try:
         states, start = resume(runs.checkpointers, states, runs.records, report.message)
         if start == 0:
@@ -101,11 +106,13 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
             runs.save_results(start)
             return runs.records
         report.start(start)
-        loop = _Loop.start(cfg, runs, report, data, orders, stop_after_epoch, start)
+        tracking = Tracking.open(track, cfg, folder, runs.records)
+        loop = _Loop.start(cfg, runs, report, tracking, data, orders, stop_after_epoch, start)
         _run_epochs(loop, _stack(states), start)
     finally:
         runs.close()
         report.close()
+        tracking.close()
     return runs.records
 
 
@@ -201,6 +208,7 @@ class _Loop:
     cfg: Config
     runs: _Runs
     report: Progress
+    tracking: Tracking
     images: _Images
     class_order: jax.Array  # [S, K]
     train_epoch: Callable
@@ -210,11 +218,11 @@ class _Loop:
     last_saved: int  # epochs done at the newest checkpoint
 
     @classmethod
-    def start(cls, cfg: Config, runs: _Runs, report: Progress, data: CifarData, orders: list[jax.Array],
-              stop_after_epoch: int | None, epochs_done: int) -> _Loop:
+    def start(cls, cfg: Config, runs: _Runs, report: Progress, tracking: Tracking, data: CifarData,
+              orders: list[jax.Array], stop_after_epoch: int | None, epochs_done: int) -> _Loop:
         """The loop's images on the device, its class orders on the run axis and its compiled functions."""
         images = _Images(*(jax.device_put(a) for a in (data.train, data.val, data.test)))
-        return cls(cfg, runs, report, images, _stack(orders), make_train_epoch(cfg),
+        return cls(cfg, runs, report, tracking, images, _stack(orders), make_train_epoch(cfg),
                    make_evaluate(cfg, cfg.test_batch_size, cfg.augment_test),
                    make_evaluate(cfg, cfg.val_batch_size, False), stop_after_epoch, last_saved=epochs_done)
 
@@ -282,7 +290,7 @@ def _evaluate(loop: _Loop, state: Any, epoch: int, data: TaskData) -> tuple[Any,
 
 
 def _record(loop: _Loop, epoch: int, trained: _Trained, evaluated: _Evaluated) -> None:
-    """Record stage: every run's train summaries and epoch arrays, then the progress display."""
+    """Record stage: every run's train summaries and epoch arrays, the live trackers, then the progress display."""
     (test_loss, test_acc), (val_loss, val_acc) = evaluated.test, evaluated.validation
     for k, record in enumerate(loop.runs.records):
         record.record_train_steps(trained.losses[k], trained.accs[k], loop.report.train_summary)
@@ -290,6 +298,7 @@ def _record(loop: _Loop, epoch: int, trained: _Trained, evaluated: _Evaluated) -
         record.record_epoch(epoch, test=(test_loss[k], test_acc[k]), validation=(val_loss[k], val_acc[k]),
                             seconds=(trained.seconds, *evaluated.seconds),
                             metrics={name: m[k] for name, m in trained.metrics.items()})
+    loop.tracking.epoch(epoch, loop.runs.records)
     loop.report.epoch(epoch, epoch // loop.cfg.epochs_per_task, float(np.mean(test_acc)), float(np.mean(val_acc)),
                       trained.seconds)
 
@@ -305,6 +314,7 @@ def _end_of_task(loop: _Loop, state: Any, epoch: int) -> Any:
         metrics = jax.device_get(metrics)
         for k, record in enumerate(loop.runs.records):
             record.record_task_boundary(task, {name: m[k] for name, m in metrics.items()})
+        loop.tracking.task_boundary(task, loop.runs.records)
         loop.report.message(f"task {task + 1} done: {cfg.active_classes(task + 1)} classes from now on")
     return state
 

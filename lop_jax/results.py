@@ -8,6 +8,8 @@ writes it.
         model_parameters/index-<N>/epoch-<E>/   Orbax snapshot {params, batch_stats} at a task boundary
         checkpoints/index-<N>/                  the run's checkpoints (their format: lop_jax.checkpoint)
         previous_runs/index-<N>-<time>/         what ``--restart`` moved aside
+        tensorboard/index-<N>/                  the run's TensorBoard event files (``--log tensorboard``)
+        wandb/                                  the W&B run folders of every index (``--log wandb``)
 
 Every file is written atomically (a temporary file, then a rename), so a kill never leaves half of
 one. A results folder of the reference (metric arrays only) reads too: it has no config and no
@@ -36,6 +38,8 @@ from lop_jax.errors import InputError
 CONFIG_FILE, RUN_STATUS = "config.json", "run_status"
 # folders of per-run files that are not small results: weights, checkpoints, runs moved aside
 LARGE = SNAPSHOTS, CHECKPOINTS, PREVIOUS_RUNS = ("model_parameters", "checkpoints", "previous_runs")
+# what the optional live tracking writes (lop_jax.tracking)
+TENSORBOARD, WANDB = "tensorboard", "wandb"
 
 
 class ResultsError(InputError, ValueError):
@@ -236,6 +240,26 @@ class ExperimentDir:
 
     def checkpoint_path(self, index: int) -> Path:
         return (self.path / CHECKPOINTS / f"index-{index}").absolute()
+
+    # ---- live tracking (lop_jax.tracking) -----------------------------------------------------
+    def tensorboard_path(self, index: int) -> Path:
+        """The folder of run ``index``'s TensorBoard event files (``--restart`` moves it aside too)."""
+        return self.path / TENSORBOARD / f"index-{index}"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """The folder holding the W&B run folders (one per process that tracked an index)."""
+        return self.path / WANDB
+
+    @staticmethod
+    def run_name(experiment_name: str, index: int) -> str:
+        """A tracked run's name, ``<experiment_name>/index-<N>``: the seeds of a system share its prefix."""
+        return f"{experiment_name}/index-{index}"
+
+    def times_moved_aside(self, index: int) -> int:
+        """How often ``--restart`` moved run ``index``'s files aside (its folders in ``previous_runs/``)."""
+        folder = self.path / PREVIOUS_RUNS
+        return sum(1 for p in folder.glob(f"index-{index}-*") if p.is_dir()) if folder.is_dir() else 0
 
     def move_run_aside(self, index: int) -> Path | None:
         """Move every file of run ``index`` to ``previous_runs/index-<N>-<time>/`` (for --restart).
