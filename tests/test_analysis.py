@@ -315,7 +315,7 @@ def _record_batches(monkeypatch) -> dict:
     """Replace the forward passes by recorders of what they are given (no compile, no compute)."""
     seen: dict = {"batches": [], "test": []}
 
-    def metrics(params, batch_stats, images, width, threshold=0.01, bn_mode="train"):
+    def metrics(params, batch_stats, images, width, threshold=0.01, bn_mode="train", activation="relu"):
         seen["batches"].append(np.asarray(images))
         return {"dormant": 0.0, "effective_rank": 1.0, "stable_rank": 1.0}
 

@@ -130,7 +130,8 @@ def test_weight_clipping_clips_kernels_to_a_multiple_of_their_initial_std():
               "bn": {"scale": jnp.asarray([9.0])}}
     out = lm.weight_clipping(clip_factor=2.0).after_step(MethodArgs(params, None, None, None, KEY))
     # Linear kernel (in 4, out 1): initial std √(1/4) = 0.5, bound 2 · 0.5 = 1
-    np.testing.assert_array_equal(np.asarray(out.params["fc"]["kernel"]).ravel(), [-1.0, 0.1, 1.0, 0.9])
+    np.testing.assert_array_equal(np.asarray(out.params["fc"]["kernel"]).ravel(),
+                                  np.asarray([-1.0, 0.1, 1.0, 0.9], np.float32))
     assert float(out.params["fc"]["bias"][0]) == 7.0 and float(out.params["bn"]["scale"][0]) == 9.0
     assert int(out.metrics["clipped_weights"]) == 2
     conv = {"k": {"kernel": jnp.full((3, 3, 2, 1), 1.0)}}  # fan_in 18: std √(2/18) = 1/3, bound 1/3 at factor 1
