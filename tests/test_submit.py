@@ -173,3 +173,13 @@ def test_bad_input_is_one_line_exit_2_and_the_dry_run_lists_the_jobs(tmp_path, c
     (folder / "config.json").write_text(json.dumps({**load_config(SMOKE).to_dict(), "stepsize": 0.5}))
     assert submit(common + ["--dry-run"]) == EXIT_INPUT
     assert "holds runs of a different config (keys differ: stepsize)" in capsys.readouterr().err
+
+
+def test_without_submitit_the_command_names_the_extra(monkeypatch, capsys):
+    from experiments.submit import main as submit
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "submitit" else real(name, *a))
+    assert submit(["--config", SMOKE, "--dry-run"]) == EXIT_INPUT
+    assert capsys.readouterr().err.strip() == ("error: submitting needs the submitit package, which is not installed: "
+                                               "pip install 'lop-jax[cluster]'")
