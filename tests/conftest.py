@@ -65,3 +65,15 @@ def real_raw(real_data_dir):
     with open(real_data_dir / "meta", "rb") as f:
         out["names"] = tuple(pickle.load(f, encoding="latin1")["fine_label_names"])
     return out
+
+
+def write_replacing_cbp_config(folder: Path) -> Path:
+    """A config file for CBP at the smoke scale with a rate that replaces units within its few
+    steps (rate 0.05, maturity 2), as a command-line run reads it: ``<folder>/cbp_smoke.json``."""
+    import json
+
+    path = folder / "cbp_smoke.json"
+    path.write_text(json.dumps({"extends": [str(REPO_ROOT / "configs" / "continual_backpropagation.json"),
+                                            str(REPO_ROOT / "configs" / "scales" / "smoke.json")],
+                                "experiment_name": "cbp_smoke", "replacement_rate": 0.05, "maturity_threshold": 2}))
+    return path

@@ -4,13 +4,12 @@ that work as printed."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import write_replacing_cbp_config
 
 from experiments import plot as plot_cli
 from experiments import report as report_cli
@@ -89,11 +88,7 @@ def test_a_folder_of_another_size_is_refused(tmp_path):
 def cbp_run(tmp_path_factory):
     """experiments.run on the smoke scale with CBP replacing units, two indices vmapped: (stdout, folder)."""
     root = tmp_path_factory.mktemp("summary")
-    config = root / "cbp_smoke.json"
-    config.write_text(json.dumps({"extends": [str(REPO_ROOT / "configs" / "continual_backpropagation.json"),
-                                              str(REPO_ROOT / "configs" / "scales" / "smoke.json")],
-                                  "experiment_name": "cbp_smoke", "replacement_rate": 0.05,
-                                  "maturity_threshold": 2}))
+    config = write_replacing_cbp_config(root)
     return root, config
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_replacing_cbp_config
 
 from lop_jax import methods as lm
 from lop_jax import tracking
@@ -106,11 +107,7 @@ def tracked(tmp_path_factory):
     if not kinds:
         pytest.skip("neither tensorboard nor wandb is installed (pip install 'lop-jax[track]')")
     root = tmp_path_factory.mktemp("tracking")
-    config = root / "cbp_smoke.json"
-    config.write_text(json.dumps({"extends": [str(REPO_ROOT / "configs" / "continual_backpropagation.json"),
-                                              str(REPO_ROOT / "configs" / "scales" / "smoke.json")],
-                                  "experiment_name": "cbp_smoke", "replacement_rate": 0.05,
-                                  "maturity_threshold": 2}))
+    config = write_replacing_cbp_config(root)
     cfg = load_config(config, {"results_dir": str(root / "results")})
     mp = pytest.MonkeyPatch()
     mp.delenv("WANDB_MODE", raising=False)  # offline by default: no network, no login
