@@ -28,7 +28,6 @@ from lop_jax.methods.base import (
     UpdateResult,
     chain,
     check_metrics,
-    identity,
     method_key,
 )
 from lop_jax.methods.continual_backprop import continual_backprop
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
     from lop_jax.config import Config
 
 __all__ = ["MethodArgs", "MethodUpdate", "MetricSpec", "PlasticityMethod", "UpdateResult", "chain", "check_metrics",
-           "identity", "method_key", "MethodError", "build", "check_spec", "register", "registered", "unregister",
+           "method_key", "MethodError", "build", "check_spec", "register", "registered", "unregister",
            "continual_backprop", "shrink_and_perturb", "head_reset", "full_reset", "redo", "l2_init", "upgd",
            "weight_clipping", "warm_start_shrink_perturb", "reinitialise", "perturb", "from_config"]
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 Params = dict[str, Any]
 
 __all__ = ["MethodArgs", "MethodUpdate", "UpdateResult", "MetricSpec", "PlasticityMethod", "chain", "method_key",
-           "identity", "check_metrics"]
+           "check_metrics"]
 
 
 class MethodArgs(NamedTuple):
@@ -204,7 +204,3 @@ def chain(*methods: PlasticityMethod, name: str = "chain") -> PlasticityMethod:
         uses_features=any(m.uses_features for m in methods), metrics=specs, task_metrics=task_specs,
         members=tuple(methods))
 
-
-def identity() -> PlasticityMethod:
-    """No plasticity method (the base deep-learning system): a chain of none."""
-    return chain(name="none")
