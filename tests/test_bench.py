@@ -1,0 +1,330 @@
+"""The side-by-side benchmarks (benchmarks/): the runners' logic without timing anything (a fake
+clock and fake processes), and, where PyTorch is installed (the ``bench`` extra; CI does not
+install it), the twin against lop-jax: the same network output for the same weights, the same
+augmentation for the same draws, the same optimiser update, and a tiny protocol run whose arrays
+are those lop-jax writes. No test here measures speed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is run from the checkout, not installed with the package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import profile_run, protocol, timing  # noqa: E402
+from lop_jax import cli  # noqa: E402
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ---- alternation, ratio of medians --------------------------------------------------------------
+def test_alternation_swaps_the_side_that_goes_first_every_round():
+    assert timing.alternation(["a", "b"], 4) == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    assert timing.alternation(["a", "b", "c"], 3) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    with pytest.raises(ValueError):
+        timing.alternation(["a", "b"], 0)
+
+
+def test_alternate_calls_in_the_alternation_order_and_times_each_call_with_the_clock():
+    clock, calls = FakeClock(), []
+    cost = {"lop_jax": 3.0, "torch": 2.0}
+
+    def runner(name):
+        def call():
+            calls.append(name)
+            clock.now += cost[name] + len(calls)  # each call a different duration, known in advance
+            return len(calls)
+        return call
+
+    times = timing.alternate({n: runner(n) for n in cost}, 3, clock=clock,
+                             measure=lambda name, value: {"cpu": 10.0 * value})
+    assert calls == ["lop_jax", "torch", "torch", "lop_jax", "lop_jax", "torch"]
+    assert [c["wall"] for c in times["lop_jax"]] == [4.0, 7.0, 8.0]
+    assert [c["wall"] for c in times["torch"]] == [4.0, 5.0, 8.0]
+    assert [c["cpu"] for c in times["torch"]] == [20.0, 30.0, 60.0]
+
+
+def test_the_ratio_is_of_the_medians_not_of_the_means():
+    times = {"lop_jax": [{"wall": w, "cpu": 2 * w} for w in (1.0, 100.0, 2.0)],
+             "torch": [{"wall": w, "cpu": w} for w in (4.0, 5.0, 4.0)]}
+    assert timing.ratio_of_medians(times, "lop_jax", "torch") == pytest.approx(0.5)
+    out = timing.summary(times, "lop_jax", "torch")
+    assert out["medians"] == {"lop_jax": {"wall": 2.0, "cpu": 4.0}, "torch": {"wall": 4.0, "cpu": 4.0}}
+    assert out["ratios"] == {"wall_lop_jax_over_torch": pytest.approx(0.5),
+                             "cpu_lop_jax_over_torch": pytest.approx(1.0)}
+    assert out["calls"] is times
+
+
+def test_the_device_is_named():
+    dev = timing.device_description()
+    assert dev["cpu"] and dev["machine"] and dev["cores_usable"] >= 1
+    assert set(dev) == {"cpu", "machine", "system", "cores_usable", "load_average_1_5_15_min"}
+
+
+# ---- the whole-process runner, with fake processes -----------------------------------------------
+def _fake_run(log, clock, walls, accuracy):
+    """A stand-in for ``run_process``: records the call, advances the clock, writes the one array
+    the runner reads back (a 3-task, 2-epoch run), and reports a CPU time."""
+    def run(argv, env, cpus):
+        side = "lop_jax" if "experiments.run" in argv else "torch"
+        log.append((side, list(argv), dict(env), list(cpus)))
+        results = Path(argv[argv.index("--results-dir") + 1])
+        folder = results / "bench_three_tasks" / "test_accuracy_per_epoch"
+        folder.mkdir(parents=True)
+        np.save(folder / "index-0.npy", np.arange(6, dtype=np.float32) / 10 + accuracy[side])
+        clock.now += walls[side].pop(0)
+        return {"exit_code": 0, "cpu": 2.0 * clock.now, "output_tail": ""}
+    return run
+
+
+@pytest.mark.parametrize("cache", ["cold", "warm", "off"])
+def test_the_protocol_runner_alternates_whole_processes_and_reports_the_ratios(tmp_path, monkeypatch, cache):
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "bench.json"
+    config.write_text(json.dumps({"extends": str(REPO / "configs/bench/three_tasks.json"), "epochs_per_task": 2}))
+    clock, log = FakeClock(), []
+    walls = {"lop_jax": [50.0, 10.0, 30.0, 20.0], "torch": [40.0, 45.0, 41.0]}
+    if cache != "warm":
+        walls["lop_jax"].pop(0)  # the warm cache's untimed first run takes the first one
+    run = _fake_run(log, clock, walls, {"lop_jax": 0.0, "torch": 0.5})
+    out = protocol.measure(str(config), "DATA", 3, [0, 1], cache, tmp_path / "work", run=run, clock=clock)
+    timed = log[1:] if cache == "warm" else log
+    assert [side for side, *_ in timed] == ["lop_jax", "torch", "torch", "lop_jax", "lop_jax", "torch"]
+    assert out["order"] == [["lop_jax", "torch"], ["torch", "lop_jax"], ["lop_jax", "torch"]]
+    assert [c["wall"] for c in out["calls"]["lop_jax"]] == [10.0, 30.0, 20.0]
+    assert out["medians"]["lop_jax"]["wall"] == 20.0 and out["medians"]["torch"]["wall"] == 41.0
+    assert out["ratio_wall_lop_jax_over_torch"] == pytest.approx(20.0 / 41.0)
+    cpu = {side: sorted(c["cpu"] for c in out["calls"][side]) for side in ("lop_jax", "torch")}
+    assert out["ratio_cpu_lop_jax_over_torch"] == pytest.approx(cpu["lop_jax"][1] / cpu["torch"][1])
+    assert out["final_test_accuracy_per_task"] == {"lop_jax": [[0.1, 0.3, 0.5]] * 3, "torch": [[0.6, 0.8, 1.0]] * 3}
+    for side, argv, env, cpus in log:
+        assert cpus == [0, 1] and argv[argv.index("--config") + 1] == str(config)
+        assert argv[argv.index("--data-dir") + 1] == "DATA" and "JAX_COMPILATION_CACHE_DIR" not in env
+        if side == "torch":
+            assert argv[1:3] == ["-m", "benchmarks.torch_twin"] and argv[argv.index("--threads") + 1] == "2"
+            assert protocol.CACHE_ENV not in env
+        else:
+            assert argv[1:3] == ["-m", "experiments.run"]
+    caches = [env[protocol.CACHE_ENV] for side, _, env, _ in log if side == "lop_jax"]
+    if cache == "off":
+        assert caches == ["off"] * 3
+    elif cache == "cold":
+        assert len(set(caches)) == 3  # a fresh, empty folder per call
+    else:
+        assert len(caches) == 4 and len(set(caches)) == 1  # filled by the untimed first run
+    assert not any(p.name.startswith("call-") for p in (tmp_path / "work").iterdir())  # results removed
+
+
+def test_a_failed_child_stops_the_protocol_runner(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+
+    def run(argv, env, cpus):
+        return {"exit_code": 2, "cpu": 0.0, "output_tail": "error: no data"}
+
+    with pytest.raises(RuntimeError, match="lop_jax exited with 2: error: no data"):
+        protocol.measure("configs/bench/three_tasks.json", "DATA", 1, [], "off", tmp_path, run=run)
+
+
+def test_run_process_reports_the_exit_code_and_the_childs_cpu_time():
+    got = protocol.run_process([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"], {}, [])
+    assert got["exit_code"] == 3 and "hi" in got["output_tail"] and got["cpu"] > 0.0
+
+
+# ---- the profile's accounting --------------------------------------------------------------------
+def test_profile_stages_count_nested_time_once(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(profile_run.time, "perf_counter", clock)
+    stages = profile_run.Stages()
+    with stages.stage("epoch"):
+        clock.now += 2.0
+        with stages.stage("snapshot"):
+            clock.now += 5.0
+            stages.on_event("/jax/core/compile/backend_compile_duration", 1.5, fun_name="jit(f)")
+        clock.now += 3.0
+    assert stages.seconds == {"epoch": 5.0, "snapshot": 5.0}
+    assert stages.compiles["snapshot"] == {"xla_compile": 1.5} and stages.programs["snapshot"] == {"jit(f)": 1}
+
+
+# ---- experiments.run's compilation cache -----------------------------------------------------------
+def test_the_compilation_cache_folder(tmp_path):
+    home = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert cli.compilation_cache_dir(None, home) == tmp_path / "lop-jax" / "xla"
+    assert cli.compilation_cache_dir(None, {**home, cli.COMPILATION_CACHE_ENV: "off"}) is None
+    assert cli.compilation_cache_dir(None, {**home, cli.COMPILATION_CACHE_ENV: "0"}) is None
+    assert cli.compilation_cache_dir(None, {**home, cli.COMPILATION_CACHE_ENV: "/x/y"}) == Path("/x/y")
+    # a folder JAX is already configured with (JAX_COMPILATION_CACHE_DIR, the test session's) wins
+    assert cli.compilation_cache_dir("/set/by/jax", {cli.COMPILATION_CACHE_ENV: "off"}) == Path("/set/by/jax")
+
+
+# ---- the twin against lop-jax (PyTorch installed) ----------------------------------------------------
+def _torch():
+    return pytest.importorskip("torch", reason="PyTorch is in the bench extra only")
+
+
+def _copy_weights(twin, params, batch_stats):
+    """lop-jax's parameters (HWIO kernels, (in, out) head) into the twin (OIHW, (out, in))."""
+    torch = _torch()
+
+    def conv(mod, p):
+        mod.weight.copy_(torch.from_numpy(np.array(p["kernel"]).transpose(3, 2, 0, 1)))
+        mod.bias.copy_(torch.from_numpy(np.array(p["bias"])))
+
+    def bn(mod, p, s):
+        mod.weight.copy_(torch.from_numpy(np.array(p["scale"])))
+        mod.bias.copy_(torch.from_numpy(np.array(p["bias"])))
+        mod.running_mean.copy_(torch.from_numpy(np.array(s["mean"])))
+        mod.running_var.copy_(torch.from_numpy(np.array(s["var"])))
+
+    with torch.no_grad():
+        conv(twin.stem[0], params["stem_conv"])
+        bn(twin.stem[1], params["stem_bn"], batch_stats["stem_bn"])
+        for b, block in enumerate(twin.blocks):
+            p, s = params[f"block{b}"], batch_stats[f"block{b}"]
+            conv(block.conv1, p["conv1"])
+            bn(block.bn1, p["bn1"], s["bn1"])
+            conv(block.conv2, p["conv2"])
+            bn(block.bn2, p["bn2"], s["bn2"])
+            assert (block.shortcut is not None) == ("shortcut_conv" in p)
+            if block.shortcut is not None:
+                conv(block.shortcut[0], p["shortcut_conv"])
+                bn(block.shortcut[1], p["shortcut_bn"], s["shortcut_bn"])
+        twin.fc.weight.copy_(torch.from_numpy(np.array(params["fc"]["kernel"]).T))
+        twin.fc.bias.copy_(torch.from_numpy(np.array(params["fc"]["bias"])))
+
+
+def test_the_twin_is_lop_jaxs_network():
+    torch = _torch()
+    import jax
+
+    from benchmarks import torch_twin
+    from lop_jax.model import ResNet18, count_params, init_model
+
+    width = 4
+    model = ResNet18(width=width)
+    params, batch_stats = init_model(model, jax.random.PRNGKey(0))
+    # non-trivial running statistics, so that evaluation mode is compared too
+    batch_stats = jax.tree_util.tree_map(lambda x: x * 0.7 + 0.1, batch_stats)
+    twin = torch_twin.ResNet18(width)
+    assert sum(p.numel() for p in twin.parameters()) == count_params(params)
+    _copy_weights(twin, params, batch_stats)
+    x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype(np.float32)
+    for train in (False, True):
+        out = model.apply({"params": params, "batch_stats": batch_stats}, x, train=train, mutable=["batch_stats"])[0]
+        twin.train(train)
+        with torch.no_grad():
+            got = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+        np.testing.assert_allclose(got, np.asarray(out), rtol=1e-4, atol=1e-4)
+
+
+def test_the_twins_initial_law_matches_lop_jaxs():
+    torch = _torch()
+    from benchmarks import torch_twin
+
+    twin = torch_twin.ResNet18(16)
+    torch_twin.init_weights(twin, torch.Generator().manual_seed(0))
+    w = twin.blocks[7].conv2.weight.detach()  # 128 -> 128, 3x3: fan_in 1,152
+    assert float(w.std()) == pytest.approx((2.0 / (128 * 9)) ** 0.5, rel=0.02)
+    assert float(twin.fc.weight.detach().std()) == pytest.approx((1.0 / 128) ** 0.5, rel=0.05)
+    assert all(float(m.bias.abs().max()) == 0.0 for m in twin.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_the_twins_augmentation_is_lop_jaxs_for_the_same_draws():
+    torch = _torch()
+    import jax.numpy as jnp
+
+    from benchmarks import torch_twin
+    from lop_jax import augment
+
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    flips = np.array([True, False] * 4)
+    offsets = rng.integers(0, 9, (8, 2)).astype(np.int32)
+    degrees = np.array([0.0, 15.0, 7.3, 1.1, 12.9, 3.3, 0.4, 9.9], np.float32)
+    want = augment.rotate(augment.crop(augment.flip(augment.normalize(raw), jnp.asarray(flips)), jnp.asarray(offsets)),
+                          jnp.asarray(degrees))
+    got = torch_twin.flip_crop_rotate(torch_twin.normalize(raw), torch.from_numpy(flips),
+                                      torch.from_numpy(offsets.astype(np.int64)), torch.from_numpy(degrees))
+    got = got.permute(0, 2, 3, 1).numpy()
+    want = np.asarray(want)
+    np.testing.assert_allclose(got[:1], want[:1], rtol=1e-6, atol=1e-6)  # 0 degrees: flip and crop alone
+    # nearest-neighbour rotation: a pixel centre that lands on a rounding tie may go either way
+    same = np.isclose(got, want, rtol=1e-6, atol=1e-6).all(axis=-1)
+    assert same.mean() > 0.995
+
+
+def test_the_twins_sgd_is_lop_jaxs_optimiser():
+    torch = _torch()
+    import jax.numpy as jnp
+
+    from benchmarks import torch_twin
+    from lop_jax.config import Config
+    from lop_jax.train import make_optimizer
+
+    cfg = Config(weight_decay=0.01, momentum=0.9)
+    w0 = np.array([1.0, -2.0, 0.5], np.float32)
+    grads = [np.array([0.3, 0.1, -0.2], np.float32), np.array([-0.5, 0.4, 0.0], np.float32)]
+    p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = torch_twin.make_optimizer(torch.nn.ParameterList([p]), cfg)
+    tx = make_optimizer(cfg)
+    w, state = jnp.asarray(w0), None
+    state = tx.init(w)
+    for lr, g in zip((0.1, 0.02), grads, strict=True):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        updates, state = tx.update(jnp.asarray(g), state, w)
+        w = w - lr * updates
+    np.testing.assert_allclose(p.detach().numpy(), np.asarray(w), rtol=1e-6, atol=1e-7)
+
+
+def test_the_twin_runs_a_tiny_protocol_and_writes_lop_jaxs_arrays(tmp_path, monkeypatch):
+    _torch()
+    from benchmarks import torch_twin
+    from lop_jax.config import load_config
+    from lop_jax.records import RunResults
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"extends": str(REPO / "configs/smoke.json"), "results_dir": str(tmp_path / "r"),
+                                  "experiment_name": "tiny", "checkpoint_every_epochs": 1, "checkpoints_to_keep": 2}))
+    assert torch_twin.main(["--config", str(config), "--threads", "1"]) == 0
+    cfg = load_config(config)
+    folder = tmp_path / "r" / "tiny"
+    expected = RunResults(cfg, 0, np.arange(20)).arrays
+    written = {p.parent.name: np.load(p) for p in folder.glob("*/index-0.npy")}
+    assert set(written) == set(expected)
+    for name, array in expected.items():
+        assert written[name].shape == array.shape and written[name].dtype == array.dtype, name
+    assert sorted(written["class_order"]) == list(range(20))
+    for name in ("test_accuracy_per_epoch", "validation_accuracy_per_epoch"):
+        assert np.all((written[name] >= 0) & (written[name] <= 1)) and np.mean(written[name]) > 0, name
+    losses = written["train_loss_per_checkpoint"]
+    assert np.all(np.isfinite(losses)) and np.all(losses > 0)
+    assert np.all(written["epoch_runtime"] > 0)
+    snapshots = sorted(p.name for p in (folder / "model_parameters" / "index-0").iterdir())
+    assert snapshots == ["epoch-0.pt", "epoch-2.pt", "epoch-4.pt"]
+    assert sorted(p.name for p in (folder / "checkpoints" / "index-0").iterdir()) == ["epoch-3.pt", "epoch-4.pt"]
+
+
+def test_the_twin_refuses_what_it_does_not_implement(tmp_path, capsys):
+    _torch()
+    from benchmarks import torch_twin
+
+    code = torch_twin.main(["--config", str(REPO / "configs/continual_backpropagation.json"),
+                            "--results-dir", str(tmp_path)])
+    assert code == 2 and "base deep-learning system only" in capsys.readouterr().err and not any(tmp_path.iterdir())
