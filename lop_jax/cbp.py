@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.custom_batching import custom_vmap
 
 from lop_jax.model import FeatureLayer, feature_layers
 
@@ -237,6 +238,25 @@ def _set_momentum(opt_state: Any, trace: Any) -> Any:
 # ---- the step -----------------------------------------------------------------------------------
 
 
+@custom_vmap
+def any_run(pred: jax.Array) -> jax.Array:
+    """``pred`` itself; under ``jax.vmap`` (the run axis), whether it holds for any run, unbatched.
+
+    A ``lax.cond`` on a batched predicate becomes a select that runs both branches for every run
+    at every step. On ``any_run(pred)`` it stays a cond, its branches mapped over the runs: the
+    replacement work runs only in a step where some run replaces. Each branch must then give
+    a run whose own predicate is false the same bits as the other branch would.
+    """
+    return pred
+
+
+@any_run.def_vmap
+def _any_run_rule(axis_size: int, in_batched: list[bool], pred: jax.Array) -> tuple[jax.Array, bool]:
+    (batched,) = in_batched
+    return any_run(jnp.any(pred, axis=0) if batched else pred), False
+
+
+
 def _check_args(layers: list[FeatureLayer], params: Params, features: Sequence[jax.Array], replacement_rate: float,
                 utility_function: str, maturity_threshold: int, decay_rate: float, variant: str) -> None:
     if utility_function not in UTILITY_FUNCTIONS:
@@ -334,16 +354,21 @@ def reset_units_and_momentum(params: Params, batch_stats: Params, opt_state: Any
 def cbp_step(params: Params, batch_stats: Params, opt_state: Any, cbp_state: CBPState,
              features: Sequence[jax.Array], key: jax.Array, *, width: int, replacement_rate: float,
              utility_function: str = "contribution", maturity_threshold: int = 1000, decay_rate: float = 0.99,
-             variant: str = "reference") -> tuple[Params, Params, Any, CBPState, jax.Array]:
+             variant: str = "reference",
+             decide_for_all_runs: bool = False) -> tuple[Params, Params, Any, CBPState, jax.Array]:
     """One generate-and-test step after an optimiser step (semantics §7); jittable, keyword args static.
 
     ``features`` are the 17 post-ReLU feature maps of this step's forward pass (the model's
     ``return_features``). Selection (steps 1-5) runs for all 17 layers before the re-initialisation
     (step 6) runs layer by layer, so a layer's fresh rows overwrite the zeroed columns written by
     the layer before it. The selection and the writes sit in a ``lax.cond`` that only runs in a
-    step where some layer replaces. Returns the new (params, batch_stats, opt_state, cbp_state)
-    and the number of units replaced per layer, int32 [17].
-    """
+    step where some layer replaces. Mapped over runs, a cond on a per-run predicate becomes a
+    select that runs the replacement every step; ``decide_for_all_runs`` keeps it a cond on
+    whether any run replaces (``any_run``). Each run's decisions and writes are the same either
+    way, but the rest of the compiled step may fuse differently, so several runs mapped together
+    are then not bit-identical to the default (XLA's CPU backend rounded the SGD update otherwise).
+    Returns the new (params, batch_stats, opt_state, cbp_state) and the number of units replaced
+    per layer, int32 [17]."""
     layers = feature_layers(width)
     _check_args(layers, params, features, replacement_rate, utility_function, maturity_threshold, decay_rate, variant)
     textbook = variant == "textbook"
@@ -362,10 +387,12 @@ def cbp_step(params: Params, batch_stats: Params, opt_state: Any, cbp_state: CBP
         mags = [m + step_weight * f for m, f in zip(cbp_state.mean_feature_mag, feat_mag, strict=True)]
     eligible = [a > maturity_threshold for a in ages]
     any_eligible = jnp.stack([jnp.any(e) for e in eligible])
+    decide = any_run if decide_for_all_runs else (lambda pred: pred)
     # inside a cond, so that XLA materialises the result instead of copying the accumulator arithmetic
-    # into every consumer (which made the step several seconds slower to compile)
+    # into every consumer (which made the step several seconds slower to compile); a run without an
+    # eligible unit gets its accumulator back and n = 0 from either branch
     accumulator, due = jax.lax.cond(
-        jnp.any(any_eligible),
+        decide(jnp.any(any_eligible)),
         lambda acc: accumulate(acc, jnp.asarray(increment_limbs(increments)), any_eligible),
         lambda acc: (acc, jnp.zeros((len(layers),), jnp.int32)),
         cbp_state.accumulator)
@@ -396,8 +423,10 @@ def cbp_step(params: Params, batch_stats: Params, opt_state: Any, cbp_state: CBP
         chosen = [jnp.zeros((layer.channels,), bool) for layer in layers]
         return p, bs, mom, chosen, list(cbp_state.utility)
 
+    # a run with nothing due gets the same bits from ``replace`` as from ``skip``: no unit chosen,
+    # every write a copy of the old value, and its ``ranked`` only read where a layer replaces
     params, batch_stats, momentum, chosen, ranked = jax.lax.cond(
-        jnp.any(due > 0), replace, skip, (params, batch_stats, momentum))
+        decide(jnp.any(due > 0)), replace, skip, (params, batch_stats, momentum))
 
     ages = [jnp.where(c, 0, a) for c, a in zip(chosen, ages, strict=True)]
     if textbook:

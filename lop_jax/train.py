@@ -20,6 +20,7 @@ id, the epoch and the step, never from global state.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -27,11 +28,13 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lop_jax import methods as plasticity
 from lop_jax.augment import augment, normalize
 from lop_jax.config import Config
+from lop_jax.methods.registry import factory as method_factory
 from lop_jax.model import NUM_OUTPUTS, ResNet18, init_model
 
 STREAM_CLASS_ORDER, STREAM_INIT, STREAM_TRAIN, STREAM_EVAL, STREAM_TASK = 0, 1, 2, 3, 4
@@ -53,9 +56,12 @@ class TrainState:
     key: jax.Array  # the run's root key (raw uint32[2])
 
 
-def make_model(cfg: Config) -> ResNet18:
+def make_model(cfg: Config, conv_grad: str = "auto") -> ResNet18:
+    """The config's ResNet-18. ``conv_grad`` (``lop_jax.conv``) is only set to analyse on the CPU
+    the program an accelerator compiles (``"xla"``); runs keep ``"auto"``."""
     dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
-    return ResNet18(width=cfg.network_width, num_outputs=NUM_OUTPUTS, dtype=dtype, activation=cfg.activation)
+    return ResNet18(width=cfg.network_width, num_outputs=NUM_OUTPUTS, dtype=dtype, activation=cfg.activation,
+                    conv_grad=conv_grad)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -121,18 +127,25 @@ class TaskData(NamedTuple):
 RUN_AXES = TaskData(images=None, class_order=0, mask=0)
 
 
+@partial(jax.jit, static_argnames=("n_active",))
+def active_masks(class_orders: jax.Array, n_active: int) -> jax.Array:
+    """Every run's mask of its first ``n_active`` classes, [S, 100] (one small program per task)."""
+    return jax.vmap(lambda order: active_mask(order, n_active))(class_orders)
+
+
 def task_data(images: jax.Array, class_orders: jax.Array, n_active: int) -> TaskData:
     """The TaskData of stacked runs (class orders [S, K]) during a task of ``n_active`` classes."""
-    return TaskData(images, class_orders, jax.vmap(active_mask, in_axes=(0, None))(class_orders, n_active))
+    return TaskData(images, class_orders, active_masks(class_orders, n_active))
 
 
-def make_train_step(cfg: Config, method: plasticity.PlasticityMethod | None = None) -> Callable:
+def make_train_step(cfg: Config, method: plasticity.PlasticityMethod | None = None,
+                    conv_grad: str = "auto") -> Callable:
     """The pure train step of one run: ``(state, data, idx, key, lr) → (state, loss, accuracy,
     metrics)``: gather the batch ``idx`` of ``data``, augment it, take the SGD step (semantics §4)
     with the plasticity methods' loss term and update rule, then their per-step hook. ``metrics``
     holds the methods' per-step metrics. ``method`` defaults to the config's
-    (``lop_jax.methods.from_config``)."""
-    model = make_model(cfg)
+    (``lop_jax.methods.from_config``); ``conv_grad`` as in ``make_model``."""
+    model = make_model(cfg, conv_grad)
     tx = make_optimizer(cfg)
     method = plasticity.from_config(cfg) if method is None else method
     use_features = method.uses_features
@@ -202,6 +215,18 @@ def epoch_batches(roots: jax.Array, epoch: jax.Array, n_images: int, batch: int)
     return jax.vmap(lambda root: _batches(root, epoch, n_images, batch))(roots)
 
 
+@partial(jax.jit, static_argnames=("n_images", "batch"))
+def epoch_plan(roots: jax.Array, epoch: jax.Array, n_images: int,
+               batch: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """What the loop of steps feeds each step, made on the device in one call per epoch: every
+    step's batches of every run ([S, batch] each) and its step number (an int32 scalar). Slicing
+    the batches or making the step number on the host per step would be a host-to-device
+    transfer per step (and one small compilation per task for the slice)."""
+    batches = epoch_batches(roots, epoch, n_images, batch)
+    steps = batches.shape[1]
+    return tuple(batches[:, i] for i in range(steps)), tuple(jnp.arange(steps, dtype=jnp.int32))
+
+
 def _step_key(root: jax.Array, epoch: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(_epoch_keys(root, epoch)[1], step)
 
@@ -219,6 +244,26 @@ def _donate() -> tuple[int, ...]:
     return (0,) if jax.default_backend() != "cpu" else ()
 
 
+def _keyed(train_step: Callable) -> Callable:
+    """One run's step taking (epoch, step) instead of its key."""
+
+    def run_step(st, data, idx, epoch, step, lr):
+        return train_step(st, data, idx, _step_key(st.key, epoch, step), lr)
+
+    return run_step
+
+
+def make_step_of_runs(cfg: Config, method: plasticity.PlasticityMethod | None = None,
+                      conv_grad: str = "auto") -> Callable:
+    """The train step of stacked runs as the loop of steps dispatches it: ``(state, data, idx
+    [S, batch], epoch, step, lr) → (state, loss [S], accuracy [S], metrics)``, one run's step
+    (its key drawn from the run's root key, the epoch and the step) mapped over the runs and
+    jitted, the state donated on accelerators. ``method`` and ``conv_grad`` as in
+    ``make_train_step``."""
+    run_step = _keyed(make_train_step(cfg, method, conv_grad))
+    return jax.jit(jax.vmap(run_step, in_axes=(0, RUN_AXES, 0, None, None, None)), donate_argnums=_donate())
+
+
 def make_train_epoch(cfg: Config) -> Callable:
     """Build the epoch of stacked runs: ``(state, data, lr, epoch, n_active) → (state,
     step_losses [S, steps], step_accuracies [S, steps], metrics)``, ``data`` the runs' ``TaskData``
@@ -228,15 +273,13 @@ def make_train_epoch(cfg: Config) -> Callable:
     Both modes run the same step with the same keys: ``scan`` compiles one run's whole epoch
     (its shuffle, then a ``lax.scan`` over its steps), mapped over the runs, into one program
     (once per task); ``loop`` shuffles, then dispatches the mapped step per batch (compiled once
-    per run) with no host sync inside."""
+    per run) with no host sync and no host-to-device transfer inside (``epoch_plan``)."""
     method = plasticity.from_config(cfg)
-    train_step = make_train_step(cfg, method)
     batch = cfg.train_batch_size
 
-    def run_step(st, data, idx, epoch, step, lr):
-        return train_step(st, data, idx, _step_key(st.key, epoch, step), lr)
-
     if resolve_epoch_mode(cfg.epoch_mode) == "scan":
+        run_step = _keyed(make_train_step(cfg, method))
+
         def one_epoch(st, data, lr, epoch, n_active: int):
             batches = _batches(st.key, epoch, n_active * data.images.shape[1], batch)
 
@@ -254,14 +297,13 @@ def make_train_epoch(cfg: Config) -> Callable:
 
         return scan_epoch
 
-    steps_of_runs = jax.jit(jax.vmap(run_step, in_axes=(0, RUN_AXES, 0, None, None, None)),
-                            donate_argnums=_donate())
+    steps_of_runs = make_step_of_runs(cfg, method)
 
     def loop_epoch(state, data, lr, epoch, n_active: int):
-        batches = epoch_batches(state.key, epoch, n_active * data.images.shape[1], batch)
+        step_batches, step_numbers = epoch_plan(state.key, epoch, n_active * data.images.shape[1], batch)
         losses, accs, metrics = [], [], []
-        for step in range(batches.shape[1]):
-            state, loss, acc, m = steps_of_runs(state, data, batches[:, step], epoch, jnp.int32(step), lr)
+        for idx, step in zip(step_batches, step_numbers, strict=True):
+            state, loss, acc, m = steps_of_runs(state, data, idx, epoch, step, lr)
             losses.append(loss)
             accs.append(acc)
             metrics.append(m)
@@ -271,12 +313,25 @@ def make_train_epoch(cfg: Config) -> Callable:
     return loop_epoch
 
 
-def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
-    """Build the evaluation of stacked runs: ``(params, batch_stats, data, key, n_active) →
-    (loss [S], accuracy [S])``, network in evaluation mode, per run the mean over batches of the
-    per-batch means (the reference's averaging, which weights a partial last batch like a full
-    one). ``key`` (one per run) draws the test-time augmentation when ``augment_images``."""
-    model = make_model(cfg)
+def _eval_batches(n: int, batch: int) -> tuple[jax.Array, jax.Array]:
+    """Indices [nb, batch] of ``n`` images in batches (the last one padded with the last image)
+    and the weights that count each image once."""
+    nb = -(-n // batch)
+    idx = jnp.arange(nb * batch)
+    weights = (idx < n).astype(jnp.float32).reshape(nb, batch)
+    return jnp.minimum(idx, n - 1).reshape(nb, batch), weights
+
+
+@partial(jax.jit, static_argnames=("n", "batch"))
+def eval_plan(n: int, batch: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The loop of evaluation batches' inputs, made on the device in one call: per batch its
+    indices, its weights and its number (int32), so that no batch needs a host-to-device transfer."""
+    idx, weights = _eval_batches(n, batch)
+    return tuple(idx), tuple(weights), tuple(jnp.arange(idx.shape[0], dtype=jnp.int32))
+
+
+def _batch_metrics(model: ResNet18, augment_images: bool) -> Callable:
+    """One run's (loss, accuracy) on one evaluation batch, network in evaluation mode."""
 
     def batch_metrics(params, batch_stats, data, b_idx, w, key, b):
         raw, labels = _gather(data.images, data.class_order, b_idx)
@@ -286,15 +341,27 @@ def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
         logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         return masked_loss_and_accuracy(logits, labels, data.mask, w)
 
-    def batches(n: int) -> tuple[jax.Array, jax.Array]:
-        nb = -(-n // batch)
-        idx = jnp.arange(nb * batch)
-        weights = (idx < n).astype(jnp.float32).reshape(nb, batch)
-        return jnp.minimum(idx, n - 1).reshape(nb, batch), weights
+    return batch_metrics
 
+
+def make_eval_batch_of_runs(cfg: Config, augment_images: bool, conv_grad: str = "auto") -> Callable:
+    """One evaluation batch of stacked runs as the loop of batches dispatches it: ``(params,
+    batch_stats, data, idx [batch], weights [batch], key [S, 2], b) → (loss [S], accuracy [S])``,
+    jitted. ``conv_grad`` as in ``make_model``."""
+    batch_metrics = _batch_metrics(make_model(cfg, conv_grad), augment_images)
+    return jax.jit(jax.vmap(batch_metrics, in_axes=(0, 0, RUN_AXES, None, None, 0, None)))
+
+
+def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
+    """Build the evaluation of stacked runs: ``(params, batch_stats, data, key, n_active) →
+    (loss [S], accuracy [S])``, network in evaluation mode, per run the mean over batches of the
+    per-batch means (the reference's averaging, which weights a partial last batch like a full
+    one). ``key`` (one per run) draws the test-time augmentation when ``augment_images``."""
     if resolve_epoch_mode(cfg.epoch_mode) == "scan":
+        batch_metrics = _batch_metrics(make_model(cfg), augment_images)
+
         def one_run(params, batch_stats, data, key, n_active: int):
-            idx, weights = batches(n_active * data.images.shape[1])
+            idx, weights = _eval_batches(n_active * data.images.shape[1], batch)
 
             def body(carry, xs):
                 b_idx, w, b = xs
@@ -310,12 +377,11 @@ def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
 
         return evaluate
 
-    batch_of_runs = jax.jit(jax.vmap(batch_metrics, in_axes=(0, 0, RUN_AXES, None, None, 0, None)))
+    batch_of_runs = make_eval_batch_of_runs(cfg, augment_images)
 
     def evaluate_loop(params, batch_stats, data, key, n_active: int):
-        idx, weights = batches(n_active * data.images.shape[1])
-        out = [batch_of_runs(params, batch_stats, data, idx[b], weights[b], key, jnp.int32(b))
-               for b in range(idx.shape[0])]
+        plan = eval_plan(n_active * data.images.shape[1], batch)
+        out = [batch_of_runs(params, batch_stats, data, b_idx, w, key, b) for b_idx, w, b in zip(*plan, strict=True)]
         return jnp.mean(jnp.stack([o[0] for o in out]), axis=0), jnp.mean(jnp.stack([o[1] for o in out]), axis=0)
 
     return evaluate_loop
@@ -361,15 +427,51 @@ def _boundary_reset(method: plasticity.PlasticityMethod, state: TrainState, task
                          algo_state=out.state), out.metrics
 
 
-def task_boundary_reset(cfg: Config, state: TrainState, task: int) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Apply the plasticity methods' task-boundary hooks (e.g. head or network reset) to every run
-    before task ``task + 1``; also their task-boundary metrics ({name: [S, *shape]})."""
+_BOUNDARY_RESETS: OrderedDict[tuple, Callable | None] = OrderedDict()
+_BOUNDARY_CACHE_SIZE = 16
+
+
+def _build_boundary_reset(cfg: Config) -> Callable | None:
     method = plasticity.from_config(cfg)
     if method.at_task_boundary is None:
+        return None
+    return jax.jit(jax.vmap(partial(_boundary_reset, method), in_axes=(0, None)))
+
+
+def _compiled_boundary_reset(cfg: Config) -> Callable | None:
+    """The jitted task-boundary hook of stacked runs, built once per config and per registered
+    factory of its methods (a new jit per call compiled it again at every task boundary); None
+    when no method has the hook. The last few are kept."""
+    key = (cfg, tuple(method_factory(name) for name, _ in cfg.methods))
+    try:
+        hit = key in _BOUNDARY_RESETS
+    except TypeError:  # an option value that cannot be hashed: build it for this call only
+        return _build_boundary_reset(cfg)
+    if hit:
+        _BOUNDARY_RESETS.move_to_end(key)
+    else:
+        _BOUNDARY_RESETS[key] = _build_boundary_reset(cfg)
+        while len(_BOUNDARY_RESETS) > _BOUNDARY_CACHE_SIZE:
+            _BOUNDARY_RESETS.popitem(last=False)
+    return _BOUNDARY_RESETS[key]
+
+
+def task_boundary_reset(cfg: Config, state: TrainState, task: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Apply the plasticity methods' task-boundary hooks (e.g. head or network reset) to every run
+    before task ``task + 1``; also their task-boundary metrics ({name: [S, *shape]}). Compiled
+    once per config; the task number reaches the device as an explicit transfer."""
+    reset = _compiled_boundary_reset(cfg)
+    if reset is None:
         return state, {}
-    return jax.jit(jax.vmap(partial(_boundary_reset, method), in_axes=(0, None)))(state, jnp.int32(task))
+    return reset(state, jax.device_put(np.int32(task)))
+
+
+@jax.jit
+def _eval_keys(keys: jax.Array, epoch: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, STREAM_EVAL), epoch))(keys)
 
 
 def eval_key(state: TrainState, epoch: int) -> jax.Array:
-    """Per run, the key of the test-time augmentation quirk at ``epoch`` ([S, 2])."""
-    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, STREAM_EVAL), epoch))(state.key)
+    """Per run, the key of the test-time augmentation quirk at ``epoch`` ([S, 2]); the epoch
+    reaches the device as an explicit transfer."""
+    return _eval_keys(state.key, jax.device_put(np.int32(epoch)))

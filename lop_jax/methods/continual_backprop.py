@@ -17,11 +17,16 @@ def network_width(params: Params) -> int:
 
 
 def continual_backprop(*, replacement_rate: float, maturity_threshold: int, utility_function: str = "contribution",
-                       decay_rate: float = 0.99, variant: str = "reference") -> PlasticityMethod:
+                       decay_rate: float = 0.99, variant: str = "reference",
+                       decide_for_all_runs: bool = False) -> PlasticityMethod:
     """CBP with the reference's options (semantics §7): ``replacement_rate`` units per eligible unit
     and step, units older than ``maturity_threshold`` steps eligible, ranked by ``utility_function``
     ('contribution' or 'weight') averaged with ``decay_rate``; ``variant`` 'reference' (quirks
-    included) or 'textbook' (the paper's text). Records ``replaced_units`` per feature layer."""
+    included) or 'textbook' (the paper's text). Records ``replaced_units`` per feature layer.
+
+    ``decide_for_all_runs`` (off: the recorded results' bits) makes runs mapped together skip the
+    replacement work in a step where none of them replaces, instead of running it for every run
+    at every step (``lop_jax.cbp.cbp_step``); several runs together then round differently."""
     if not replacement_rate > 0:
         raise ValueError(f"replacement_rate must be > 0, got {replacement_rate!r}")
     if maturity_threshold < 1:
@@ -42,7 +47,8 @@ def continual_backprop(*, replacement_rate: float, maturity_threshold: int, util
         params, batch_stats, opt_state, state, replaced = cbp_step(
             args.params, args.batch_stats, args.opt_state, args.state, list(args.features), args.key,
             width=network_width(args.params), replacement_rate=replacement_rate, utility_function=utility_function,
-            maturity_threshold=maturity_threshold, decay_rate=decay_rate, variant=variant)
+            maturity_threshold=maturity_threshold, decay_rate=decay_rate, variant=variant,
+            decide_for_all_runs=decide_for_all_runs)
         return MethodUpdate(params, batch_stats, opt_state, state, {"replaced_units": replaced})
 
     return PlasticityMethod(NAME, init=init, after_step=after_step, uses_features=True,
