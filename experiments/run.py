@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  live tracking: {', '.join(track) if track else 'none (--log tensorboard|wandb)'}")
         return 0
     start = time.perf_counter()
+    cli.enable_compilation_cache()
     try:
         run_experiments(cfg, indices, verbose=args.verbose, restart=args.restart, track=track)
     except KeyboardInterrupt:

@@ -3,15 +3,18 @@ layer that turns a ``LopJaxError`` into a line on stderr and an exit code (see `
 
 The options accept the reference's spellings too (``--results_dir``, ``--data_path``), as aliases
 of the same argparse option, so the reference README's commands work with the script name swapped.
-This module imports no JAX: a command's usage errors come back without loading it.
+This module imports no JAX at import time (``enable_compilation_cache`` imports it when called): a
+command's usage errors come back without loading it.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lop_jax.config import Config, ConfigError, load_config, parse_override
@@ -83,6 +86,57 @@ def parse_indices(text: str, option: str = "--experiment-index") -> list[int]:
 def split_names(text: str) -> list[str]:
     """A comma-separated list of names, blanks dropped."""
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# ---- the persistent compilation cache -------------------------------------------------------------
+COMPILATION_CACHE_ENV = "LOP_JAX_COMPILATION_CACHE"
+COMPILATION_CACHE_OFF = ("", "0", "off", "false", "no")
+COMPILATION_CACHE_MAX_BYTES = 2 << 30
+
+
+def default_compilation_cache(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$XDG_CACHE_HOME/lop-jax/xla`` (``~/.cache/lop-jax/xla`` when XDG_CACHE_HOME is unset)."""
+    root = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "lop-jax" / "xla"
+
+
+def compilation_cache_dir(configured: str | None, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """Where ``experiments.run`` keeps JAX's persistent compilation cache: a folder JAX is already
+    configured with (``JAX_COMPILATION_CACHE_DIR``, or set in code) is kept; else
+    ``LOP_JAX_COMPILATION_CACHE`` names the folder, or turns the cache off (``off``, ``0``, empty);
+    unset, ``default_compilation_cache``. None: no cache."""
+    if configured:
+        return Path(configured)
+    value = environ.get(COMPILATION_CACHE_ENV)
+    if value is None:
+        return default_compilation_cache(environ)
+    if value.strip().lower() in COMPILATION_CACHE_OFF:
+        return None
+    return Path(value)
+
+
+def enable_compilation_cache(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """Turn on JAX's persistent compilation cache for this process (``compilation_cache_dir`` says
+    where), for every program however short its compilation, at most 2 GiB (least recently used
+    entries go first). Why: a run compiles the same programs as the previous run of its config
+    (tens of seconds on a CPU, most of a short run's time); a cached executable is the same
+    program, so results are the same bits. Returns the folder, or None when the cache is off or
+    its folder cannot be created (the run then compiles as without it). Imports JAX."""
+    import jax
+
+    folder = compilation_cache_dir(jax.config.jax_compilation_cache_dir, environ)
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    return folder
 
 
 # ---- the error layer ----------------------------------------------------------------------------
