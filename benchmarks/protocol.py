@@ -70,6 +70,21 @@ def final_accuracies(experiment_dir: Path, epochs_per_task: int) -> list[float]:
     return [round(float(a), 4) for a in acc[epochs_per_task - 1::epochs_per_task]]
 
 
+RECORDED_TIMES = ("epoch_runtime", "test_evaluation_runtime", "validation_evaluation_runtime")
+
+
+def recorded_seconds(experiment_dir: Path) -> dict[str, float]:
+    """The run's own recorded training and evaluation seconds, summed over its epochs (each side
+    times its epochs in-process, so the difference to the wall time is start-up, compilation
+    outside the epochs, and writes)."""
+    out = {}
+    for name in RECORDED_TIMES:
+        path = experiment_dir / name / "index-0.npy"
+        if path.is_file():
+            out[name] = round(float(np.sum(np.load(path))), 3)
+    return out
+
+
 def side_env(side: str, cache_mode: str, cache_dir: Path | None, base: dict[str, str]) -> dict[str, str]:
     """The child's environment: lop-jax's compilation cache as ``cache_mode`` says (a fresh folder
     under ``cache_dir`` for ``cold``, ``cache_dir`` itself for ``warm``)."""
@@ -104,6 +119,7 @@ def make_runners(config: str, data_dir: str, work: Path, cpus: list[int], cache_
             if got["exit_code"] != 0:
                 raise RuntimeError(f"{side} exited with {got['exit_code']}: {got['output_tail']}")
             accuracies[side].append(final_accuracies(results / side / experiment_name, epochs_per_task))
+            got["recorded_seconds"] = recorded_seconds(results / side / experiment_name)
             shutil.rmtree(results, ignore_errors=True)
             return got
 
@@ -125,13 +141,19 @@ def measure(config: str, data_dir: str, repeats: int, cpus: list[int], cache_mod
     if cache_mode == "warm":
         runners["lop_jax"]()
         accuracies["lop_jax"].clear()
-    times = timing.alternate(runners, repeats, clock=clock, measure=lambda name, got: {"cpu": got["cpu"]})
+    recorded: dict[str, list[dict[str, float]]] = {"lop_jax": [], "torch": []}
+
+    def figures(name: str, got: dict[str, Any]) -> dict[str, float]:
+        recorded[name].append(got["recorded_seconds"])
+        return {"cpu": got["cpu"]}
+
+    times = timing.alternate(runners, repeats, clock=clock, measure=figures)
     out = timing.summary(times, "lop_jax", "torch")
     return {"benchmark": "protocol end to end", "config": config, "repeats": repeats, "compilation_cache": cache_mode,
             "order": timing.alternation(list(runners), repeats), "medians": out["medians"],
             "ratio_wall_lop_jax_over_torch": out["ratios"]["wall_lop_jax_over_torch"],
             "ratio_cpu_lop_jax_over_torch": out["ratios"]["cpu_lop_jax_over_torch"],
-            "final_test_accuracy_per_task": accuracies, "calls": out["calls"]}
+            "final_test_accuracy_per_task": accuracies, "recorded_seconds": recorded, "calls": out["calls"]}
 
 
 def main(argv: list[str] | None = None) -> int:

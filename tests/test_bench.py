@@ -86,6 +86,8 @@ def _fake_run(log, clock, walls, accuracy):
         folder = results / "bench_three_tasks" / "test_accuracy_per_epoch"
         folder.mkdir(parents=True)
         np.save(folder / "index-0.npy", np.arange(6, dtype=np.float32) / 10 + accuracy[side])
+        (folder.parent / "epoch_runtime").mkdir()
+        np.save(folder.parent / "epoch_runtime" / "index-0.npy", np.full(6, 1.5, np.float32))
         clock.now += walls[side].pop(0)
         return {"exit_code": 0, "cpu": 2.0 * clock.now, "output_tail": ""}
     return run
@@ -111,6 +113,7 @@ def test_the_protocol_runner_alternates_whole_processes_and_reports_the_ratios(t
     cpu = {side: sorted(c["cpu"] for c in out["calls"][side]) for side in ("lop_jax", "torch")}
     assert out["ratio_cpu_lop_jax_over_torch"] == pytest.approx(cpu["lop_jax"][1] / cpu["torch"][1])
     assert out["final_test_accuracy_per_task"] == {"lop_jax": [[0.1, 0.3, 0.5]] * 3, "torch": [[0.6, 0.8, 1.0]] * 3}
+    assert out["recorded_seconds"] == {side: [{"epoch_runtime": 9.0}] * 3 for side in ("lop_jax", "torch")}
     for side, argv, env, cpus in log:
         assert cpus == [0, 1] and argv[argv.index("--config") + 1] == str(config)
         assert argv[argv.index("--data-dir") + 1] == "DATA" and "JAX_COMPILATION_CACHE_DIR" not in env
