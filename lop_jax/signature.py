@@ -124,7 +124,7 @@ class OrderCheck:
 
 
 @dataclass(frozen=True)
-class _System:
+class System:
     """The finished runs of one system in an export: arrays per metric, per run index."""
 
     name: str
@@ -162,8 +162,9 @@ class _System:
         return {i: 100.0 * a.reshape(self.num_tasks, self.epochs_per_task).max(axis=1) for i, a in raw.items()}
 
 
-def _load_system(results_dir: Path, name: str) -> _System | None:
-    folder = ExperimentDir(results_dir / name)
+def load_system(results_dir: str | Path, name: str) -> System | None:
+    """The finished runs of ``name`` in an export's results folder; None when it has none."""
+    folder = ExperimentDir(Path(results_dir) / name)
     try:
         indices = tuple(folder.finished_indices() or ())
         if not indices:
@@ -173,15 +174,15 @@ def _load_system(results_dir: Path, name: str) -> _System | None:
         cfg = folder.read_config()
     except (ResultsError, ConfigError) as err:
         raise SignatureError(f"cannot read {folder.path}: {err.one_line()}") from None
-    return _System(name, cfg.num_tasks, cfg.epochs_per_task, 8 * cfg.network_width, indices, folder.path)
+    return System(name, cfg.num_tasks, cfg.epochs_per_task, 8 * cfg.network_width, indices, folder.path)
 
 
-def load_systems(results_dir: str | Path) -> dict[str, _System]:
+def load_systems(results_dir: str | Path) -> dict[str, System]:
     """The systems of an export's results folder that have finished runs; refuses an export that
     has none, lacks a system the criteria need, or is too short to judge."""
     results_dir = Path(results_dir)
     names = sorted(p.name for p in results_dir.iterdir() if p.is_dir()) if results_dir.is_dir() else []
-    systems = {n: s for n in names if (s := _load_system(results_dir, n)) is not None}
+    systems = {n: s for n in names if (s := load_system(results_dir, n)) is not None}
     if not systems:
         raise SignatureError(f"no finished runs in {results_dir}: run the sweep (python -m experiments.scaled_sweep)")
     missing = [s for s in REQUIRED_SYSTEMS if s not in systems]
@@ -284,7 +285,7 @@ def check_signature(results_dir: str | Path, timing: dict | None = None) -> list
     return out
 
 
-def _wall_time(systems: dict[str, _System], timing: dict) -> Criterion:
+def _wall_time(systems: dict[str, System], timing: dict) -> Criterion:
     """Criterion 9: every finished run of every exported system within MAX_RUN_MINUTES."""
     minutes, missing, over = [], [], []
     for s in systems.values():
@@ -310,7 +311,7 @@ def _wall_time(systems: dict[str, _System], timing: dict) -> Criterion:
                      "; ".join(notes))
 
 
-def _last_values(s: _System, retrained_best: dict[int, np.ndarray]) -> SystemValues:
+def _last_values(s: System, retrained_best: dict[int, np.ndarray]) -> SystemValues:
     dormant = mean_se([a[-1] for a in s.dormant_percent().values()])
     rank = mean_se([100.0 * a[-1] / s.width for a in s.stable_rank().values()])
     diff = _paired(s.best_accuracy(), retrained_best)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from lop_jax.doc_markers import MissingArrays, update_document
 from lop_jax.results import ExperimentDir
 from lop_jax.sweep import SYSTEMS
 
@@ -114,40 +114,9 @@ def candidate_table(results: Path, timing: dict) -> str:
     return "\n".join(rows) + (f"\n\nWall time per run: {walls}." if walls else "")
 
 
-MARKER = re.compile(r"<!-- report: (.+?) -->")
-
-
-class MissingArrays(ValueError):
-    """A report marker of the document names a folder that has no result arrays."""
-
-
-def document_markers(text: str) -> list[str]:
-    """The NAMEs of the ``<!-- report: NAME -->`` markers of a document, in order."""
-    return MARKER.findall(text)
-
-
 def has_arrays(results: Path) -> bool:
     """Whether a results folder holds at least one system with a config and test-accuracy arrays."""
     return any(ExperimentDir(results / s).has_config() and _indices(results / s) for s in SYSTEMS)
-
-
-def update_document(doc: Path, tables: dict[str, str]) -> list[str]:
-    """Replace the text between ``<!-- report: NAME -->`` and ``<!-- /report -->`` with the table of
-    NAME; returns the names replaced, in the document's order. A marker naming no table (its folder
-    has no arrays) raises ``MissingArrays`` and the document is left as it was."""
-    text = doc.read_text()
-    names = document_markers(text)
-    missing = [n for n in names if n not in tables]
-    if missing:
-        raise MissingArrays(f"{doc}: marker '<!-- report: {missing[0]} -->' has no result arrays behind it "
-                            "(its folder under --root holds no exported run); export the runs or remove the marker")
-    for name in dict.fromkeys(names):
-        pattern = re.compile(rf"(<!-- report: {re.escape(name)} -->\n).*?(<!-- /report -->)", re.S)
-        text, n = pattern.subn(lambda m, t=tables[name]: m.group(1) + t + "\n" + m.group(2), text)
-        if not n:
-            raise MissingArrays(f"{doc}: marker '<!-- report: {name} -->' has no closing <!-- /report -->")
-    doc.write_text(text)
-    return names
 
 
 def collect_tables(root: Path) -> dict[str, str]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
+from lop_jax import doc_markers
 from lop_jax.analysis import ANALYSIS_METRICS
 from lop_jax.config import ConfigError, load_config, read_config_values
 from lop_jax.data import load_data
@@ -83,7 +84,8 @@ def test_search_candidates_keep_the_papers_algorithm_and_explain_every_scaled_va
         return
     ratio = step_ratio(scaled, paper)
     assert scaled.maturity_threshold == round(paper.maturity_threshold * ratio)
-    factor = 1 if path.parent.name in RULE_SCALED_CBP else 4  # p6_cbp_rate_x4: 4 x the rule's rate
+    # p6_cbp_rate_x4 and p7_cbp_rate_x8: 4 and 8 x the rule's rate
+    factor = 1 if path.parent.name in RULE_SCALED_CBP else {"p6_cbp_rate_x4": 4, "p7_cbp_rate_x8": 8}[path.parent.name]
     assert scaled.replacement_rate * ratio == pytest.approx(factor * paper.replacement_rate, rel=0.01)
 
 
@@ -246,11 +248,11 @@ def test_report_markers_are_replaced_and_a_marker_without_arrays_is_refused(tmp_
     doc = tmp_path / "doc.md"
     text = "a\n<!-- report: x -->\nold\n<!-- /report -->\nb\n<!-- report: y -->\nkeep\n<!-- /report -->\n"
     doc.write_text(text)
-    assert report.update_document(doc, {"x": "| new |", "y": "| other |"}) == ["x", "y"]
+    assert doc_markers.update_document(doc, {"x": "| new |", "y": "| other |"}) == ["x", "y"]
     assert doc.read_text() == text.replace("old", "| new |").replace("keep", "| other |")
     doc.write_text(text)
-    with pytest.raises(report.MissingArrays, match="report: y"):
-        report.update_document(doc, {"x": "| new |"})
+    with pytest.raises(doc_markers.MissingArrays, match="report: y"):
+        doc_markers.update_document(doc, {"x": "| new |"})
     assert doc.read_text() == text  # nothing written
 
     # the report's main: a marker naming a folder without arrays is a one-line error (exit 2)
@@ -283,7 +285,7 @@ def test_the_committed_report_tables_are_the_ones_the_committed_arrays_give(tmp_
     report = _report_script()
     doc = tmp_path / "scaled_protocol.md"
     committed = (REPO_ROOT / "docs" / "scaled_protocol.md").read_text()
-    markers = report.document_markers(committed)
+    markers = doc_markers.document_markers(committed)
     assert markers, "docs/scaled_protocol.md has no <!-- report: NAME --> marker"
     doc.write_text(committed)
     rc = report.main(["--root", str(REPO_ROOT / "docs" / "scaled_protocol"), "--update", str(doc)])
