@@ -1,7 +1,7 @@
 """The PyTorch twin of lop-jax's base deep-learning system, the yardstick of the side-by-side benchmarks.
 
     python -m benchmarks.torch_twin --config configs/bench/three_tasks.json --data-dir D \
-        [--results-dir R] [--experiment-index 0] [--threads 2]
+        [--results-dir R] [--experiment-index 0] [--threads 2] [--class-order ORDER.npy]
 
 The same experiment as ``python -m experiments.run`` for a config of the base system, written as a
 plain PyTorch program: the CIFAR ResNet-18 of ``lop_jax.model`` (widths, biases, PyTorch's
@@ -223,9 +223,12 @@ def _save_torch(path: Path, obj: Any) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def run(cfg: Config, index: int, data: CifarData, threads: int | None = None) -> dict[str, np.ndarray]:
+def run(cfg: Config, index: int, data: CifarData, threads: int | None = None,
+        class_order: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Train run ``index`` of ``cfg`` on ``data``; write its arrays, snapshots and checkpoints under
-    ``<results_dir>/<experiment_name>`` and return the arrays."""
+    ``<results_dir>/<experiment_name>`` and return the arrays. ``class_order`` (a permutation of the
+    data's classes, e.g. a lop-jax run's ``class_order`` array) replaces the one drawn from the index,
+    so that both implementations can learn the same classes."""
     check_supported(cfg)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -235,6 +238,10 @@ def run(cfg: Config, index: int, data: CifarData, threads: int | None = None) ->
     folder = Path(cfg.results_dir or "results") / cfg.experiment_name
     gen = torch.Generator().manual_seed(index)
     order = torch.randperm(data.num_classes, generator=gen).numpy()
+    if class_order is not None:
+        if sorted(np.asarray(class_order).tolist()) != list(range(data.num_classes)):
+            raise ConfigError(f"--class-order: expected a permutation of the {data.num_classes} classes")
+        order = np.asarray(class_order, np.int64)
     used = order[:cfg.num_classes]
     train, val, test = _Split(data.train, used), _Split(data.val, used), _Split(data.test, used)
     model = ResNet18(cfg.network_width)
@@ -313,12 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment-index", type=int, default=0)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count(), help="torch.set_num_threads (default: the CPUs this process may use)")
+    p.add_argument("--class-order", default=None, help="an .npy permutation of the classes to use instead of the "
+                   "index's (e.g. a lop-jax run's class_order/index-<N>.npy)")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("data_path", args.data_dir), ("results_dir", args.results_dir)) if v is not None}
     try:
         cfg = load_config(args.config, overrides)
         check_supported(cfg)
-        run(cfg, args.experiment_index, load_data(cfg), args.threads)
+        order = None if args.class_order is None else np.load(args.class_order)
+        run(cfg, args.experiment_index, load_data(cfg), args.threads, order)
     except (LopJaxError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_REFUSED

@@ -324,6 +324,23 @@ def test_the_twin_runs_a_tiny_protocol_and_writes_lop_jaxs_arrays(tmp_path, monk
     assert sorted(p.name for p in (folder / "checkpoints" / "index-0").iterdir()) == ["epoch-3.pt", "epoch-4.pt"]
 
 
+def test_the_twin_learns_the_class_order_it_is_given(tmp_path, monkeypatch):
+    _torch()
+    from benchmarks import torch_twin
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"extends": str(REPO / "configs/smoke.json"), "results_dir": str(tmp_path / "r"),
+                                  "epochs_per_task": 1, "experiment_name": "tiny"}))
+    order = np.arange(20)[::-1].copy()
+    np.save(tmp_path / "order.npy", order)
+    args = ["--config", str(config), "--threads", "1", "--class-order", str(tmp_path / "order.npy")]
+    assert torch_twin.main(args) == 0
+    assert np.array_equal(np.load(tmp_path / "r" / "tiny" / "class_order" / "index-0.npy"), order)
+    np.save(tmp_path / "bad.npy", np.zeros(20, np.int64))
+    assert torch_twin.main(["--config", str(config), "--class-order", str(tmp_path / "bad.npy")]) == 2
+
+
 def test_the_twin_refuses_what_it_does_not_implement(tmp_path, capsys):
     _torch()
     from benchmarks import torch_twin
