@@ -14,7 +14,6 @@ gave, measured side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -74,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in med.items():
         print(f"{name:<11} {m['wall']:7.1f} s wall {m['cpu']:7.1f} s CPU  "
               f"(x{out['ratios_to_before'][name]['wall']:.3f} / x{out['ratios_to_before'][name]['cpu']:.3f} of before)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    timing.write_json(args.json, out)
     return 0
 
 

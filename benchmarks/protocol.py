@@ -20,7 +20,6 @@ the calls and filled by an untimed run first (the usual case once a config has r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -176,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{med['lop_jax']['wall']:.1f} s wall / {med['lop_jax']['cpu']:.1f} s CPU, PyTorch "
           f"{med['torch']['wall']:.1f} s / {med['torch']['cpu']:.1f} s; lop-jax / PyTorch = "
           f"{out['ratio_wall_lop_jax_over_torch']:.3f} wall, {out['ratio_cpu_lop_jax_over_torch']:.3f} CPU")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    timing.write_json(args.json, out)
     return 0
 
 

@@ -17,9 +17,7 @@ its thread pool from the CPUs it may use, and PyTorch run on the same cores.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from benchmarks import timing
@@ -135,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(cpus)} CPUs): lop-jax {steps['lop_jax']:.3f} s, PyTorch {steps['torch']:.3f} s per step "
           f"(medians of {args.rounds} alternating rounds of {args.steps_per_round}); "
           f"lop-jax / PyTorch = {out['ratio_lop_jax_over_torch']:.3f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    timing.write_json(args.json, out)
     return 0
 
 

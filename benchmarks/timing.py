@@ -9,11 +9,13 @@ medians is what stays comparable.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -101,3 +103,11 @@ def summary(times: dict[str, list[dict[str, float]]], numerator: str, denominato
     return {"calls": times, "medians": med,
             "ratios": {f"{key}_{numerator}_over_{denominator}": med[numerator][key] / med[denominator][key]
                        for key in keys}}
+
+
+def write_json(path: str | Path | None, out: dict[str, Any]) -> None:
+    """Write a benchmark's figures to ``path`` (nothing when None), creating its folder."""
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
