@@ -14,8 +14,12 @@ total over a task equals the paper's (``scaled_step_values``):
   the paper's and ``weight_decay / r`` keeps the task's shrink;
 - shrink and perturb's noise: independent per step, so its variance over a task is σ²·steps and
   ``noise_std / √r`` keeps it;
-- CBP's replacement rate (replacements per unit per step): ``replacement_rate / r`` keeps the
-  expected replacements per unit per task;
+- CBP's replacement rate (replacements per unit per step): ``replacement_rate / r × w``, with
+  ``w`` = paper width / scaled width (``width_ratio``), keeps the expected units replaced per
+  layer per task equal to the paper's. The step ratio alone (``w = 1``, the same replacements
+  per unit per task) is the derivation's first answer, but it was measured to leave CBP with 19 %
+  dormant units at width 8; the width factor is therefore a measured choice, not a derived one
+  (docs/scaled_protocol.md, search candidates p5–p7);
 - CBP's maturity threshold (steps a new unit is protected): ``round(maturity_threshold · r)``
   keeps the protected share of a task.
 
@@ -53,14 +57,22 @@ def step_ratio(scaled: Config, paper: Config) -> float:
     return steps_in_task(scaled, 0) / steps_in_task(paper, 0)
 
 
-def scaled_step_values(paper: Config, ratio: float) -> dict[str, Any]:
-    """The step-counted keys of ``paper`` for a protocol with ``ratio`` × the paper's steps per task."""
+def width_ratio(scaled: Config, paper: Config) -> float:
+    """Paper width / scaled width: how many of the paper's units one scaled unit stands for."""
+    return paper.network_width / scaled.network_width
+
+
+def scaled_step_values(paper: Config, ratio: float, widths: float = 1.0) -> dict[str, Any]:
+    """The step-counted keys of ``paper`` for a protocol with ``ratio`` × the paper's steps per task
+    and a network ``widths`` times narrower (``width_ratio``; it scales CBP's rate only)."""
     if not ratio > 0:
         raise ValueError(f"the step ratio must be > 0, got {ratio}")
+    if not widths > 0:
+        raise ValueError(f"the width ratio must be > 0, got {widths}")
     return {
         "weight_decay": paper.weight_decay / ratio,
         "noise_std": paper.noise_std / math.sqrt(ratio),
-        "replacement_rate": paper.replacement_rate / ratio,
+        "replacement_rate": paper.replacement_rate / ratio * widths,
         "maturity_threshold": round(paper.maturity_threshold * ratio),
     }
 

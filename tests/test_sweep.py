@@ -11,7 +11,7 @@ from lop_jax import doc_markers
 from lop_jax.analysis import ANALYSIS_METRICS
 from lop_jax.config import ConfigError, load_config, read_config_values
 from lop_jax.data import load_data
-from lop_jax.scaling import STEP_SCALED_KEYS, scaled_step_values, step_ratio, steps_in_task
+from lop_jax.scaling import STEP_SCALED_KEYS, scaled_step_values, step_ratio, steps_in_task, width_ratio
 from lop_jax.sweep import SYSTEMS, TIMING_FILE, draw_sweep, load_system_configs, per_task_summary, run_sweep
 
 SCALED = REPO_ROOT / "configs" / "scaled"
@@ -38,7 +38,8 @@ def test_the_laptop_protocol_is_the_paper_config_with_the_scale_and_the_scaling_
     scaled, paper = load_config(SCALED / f"{system}.json"), load_config(PAPER / f"{system}.json")
     assert scaled.experiment_name == system
     ratio = step_ratio(scaled, paper)
-    expected = scaled_step_values(paper, ratio)
+    assert width_ratio(scaled, paper) == 8
+    expected = scaled_step_values(paper, ratio, width_ratio(scaled, paper))
     for key, value in expected.items():
         if key == "maturity_threshold":
             assert getattr(scaled, key) == value, key
@@ -61,13 +62,19 @@ def test_the_scaling_rules_arithmetic_for_each_key():
     assert values["noise_std"] == pytest.approx(1e-5 * 2)  # the same noise variance per task: σ² × steps
     assert values["replacement_rate"] == pytest.approx(1e-5 * 4)  # the same replacements per unit per task
     assert values["maturity_threshold"] == 250  # the same protected share of a task
+    narrow = scaled_step_values(paper, 0.25, widths=2.0)  # half the width: twice the rate per unit
+    assert narrow["replacement_rate"] == pytest.approx(1e-5 * 4 * 2)  # the same units replaced per layer per task
+    assert {k: v for k, v in narrow.items() if k != "replacement_rate"} == \
+        {k: v for k, v in values.items() if k != "replacement_rate"}
+    with pytest.raises(ValueError, match="width ratio"):
+        scaled_step_values(paper, 0.25, widths=0)
     for task in range(4):  # task t has (t + 1) times the first task's steps in both protocols
         assert steps_in_task(scaled, task) == 0.25 * steps_in_task(paper, task)
 
 
 SEARCH_CONFIGS = sorted(p for p in (REPO_ROOT / "configs" / "scaled_search").glob("*/*.json") if p.name != "scale.json")
-# the candidates tried before the scaling rule: CBP's rate and maturity were scaled by the step ratio already
-RULE_SCALED_CBP = {"p1_batch90", "p2_unscaled_decay", "p3_90_images", "p4_120_epochs"}
+# CBP at the step ratio alone: the candidates tried before the scaling rule, and p5 (the rule before its width factor)
+RULE_SCALED_CBP = {"p1_batch90", "p2_unscaled_decay", "p3_90_images", "p4_120_epochs", "p5_cbp_step_ratio_only"}
 
 
 @pytest.mark.parametrize("path", SEARCH_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -84,7 +91,7 @@ def test_search_candidates_keep_the_papers_algorithm_and_explain_every_scaled_va
         return
     ratio = step_ratio(scaled, paper)
     assert scaled.maturity_threshold == round(paper.maturity_threshold * ratio)
-    # p6_cbp_rate_x4 and p7_cbp_rate_x8: 4 and 8 x the rule's rate
+    # the step ratio alone (p5 and before), 4 and 8 x it (p6, p7: 8 is the width ratio that configs/scaled adopted)
     factor = 1 if path.parent.name in RULE_SCALED_CBP else {"p6_cbp_rate_x4": 4, "p7_cbp_rate_x8": 8}[path.parent.name]
     assert scaled.replacement_rate * ratio == pytest.approx(factor * paper.replacement_rate, rel=0.01)
 
