@@ -322,7 +322,13 @@ def load_config(path: str | Path | Sequence[str | Path] | None,
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Keys whose values differ between two resolved configs."""
+    """Keys whose values differ between two resolved configs.
+
+    A key missing from one of them (a config stored before the key existed) counts as its default,
+    which is what a run of that time did: e.g. ``activation`` and ``methods`` came with the methods
+    seam, and a run stored before them used ReLU and no extra method.
+    """
     a, b = drop_legacy_keys(a), drop_legacy_keys(b)
+    defaults = Config().to_dict()
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if k not in ignore and a.get(k) != b.get(k)]
+    return [k for k in keys if k not in ignore and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))]

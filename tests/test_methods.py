@@ -390,3 +390,16 @@ def test_reset_units_reinitialises_only_the_chosen_units_like_cbp():
     assert float(bn_s["mean"][0]) == 5.0 and float(bn_p["scale"][0]) == 3.0
     # every other layer is untouched
     assert leaves_equal(p["stem_conv"], params["stem_conv"]) and leaves_equal(p["fc"], params["fc"])
+
+
+def test_a_config_stored_before_the_methods_seam_matches_the_same_system_today():
+    """Exported runs made before ``activation`` and ``methods`` existed stay resumable and comparable:
+    a missing key is its default, and a stored config that differs from it still differs."""
+    from lop_jax.config import config_diff
+
+    today = cfg().to_dict()
+    stored = {k: v for k, v in today.items() if k not in ("activation", "methods")}
+    stored.update(extra_methods=[], method_options={})
+    assert config_diff(stored, today) == []
+    assert config_diff(stored, cfg(activation="crelu").to_dict()) == ["activation"]
+    assert config_diff(stored, cfg(methods=[{"name": "redo"}]).to_dict()) == ["methods"]
