@@ -11,6 +11,13 @@ The cases: the five paper systems (index 0), CBP at a replacement rate that repl
 size (indices 0 and 1 vmapped together, so the run axis is exercised with two runs) and the base
 system with the epoch as one ``lax.scan`` (the accelerators' mode) instead of the CPU's loop.
 
+XLA compiles for the CPU it runs on, and its code for the element-wise work (exp, log, the fused
+multiply-adds) changes with the instruction set: the same program gives other bits with and without
+FMA, and with AVX-512. So the cases run in a child process whose XLA is capped at AVX2
+(``PINNED_XLA_FLAGS``), the records are that code's bits, and any x86-64 CPU with AVX2 and FMA
+reproduces them (one with AVX-512 included); a CPU without them fails with a message saying so.
+``provenance.json`` names the versions, the flags and the CPU the records were made on.
+
 Re-record, only when a change of results is intended and explained in the commit:
 
     python tests/test_golden.py --write
@@ -19,6 +26,9 @@ Re-record, only when a change of results is intended and explained in the commit
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +55,9 @@ CASES = {
     "base_scan_epochs": ("base_deep_learning_system", {"epoch_mode": "scan"}, [0]),
 }
 NOT_ARRAYS = ("checkpoints", "model_parameters", "run_status", "previous_runs")
+# the instruction set XLA may use: the records are bit-exact for this code on any CPU that has it
+PINNED_XLA_FLAGS = "--xla_cpu_max_isa=AVX2"
+NEEDED_CPU_FLAGS = ("avx2", "fma")
 
 
 def run_case(case: str, root: Path) -> dict[str, np.ndarray]:
@@ -67,34 +80,82 @@ def _recorded_form(name: str, array: np.ndarray) -> np.ndarray:
     return np.zeros_like(array) if name.split("/")[0].endswith("_runtime") else array
 
 
-def _provenance() -> str:
-    return f"jax {jax.__version__}, numpy {np.__version__}, {jax.default_backend()}"
+def _cpu() -> tuple[str, set[str]]:
+    """This machine's CPU model and instruction-set flags (Linux's /proc/cpuinfo; elsewhere the
+    platform's processor name and no flags)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return platform.processor() or platform.machine(), set()
+    model, flags = platform.machine(), set()
+    for line in info.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == platform.machine():
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def _provenance() -> dict[str, str]:
+    model, flags = _cpu()
+    return {"recorded_with": f"jax {jax.__version__}, numpy {np.__version__}, {jax.default_backend()}",
+            "xla_flags": PINNED_XLA_FLAGS, "cpu": model,
+            "cpu_isa_flags": " ".join(f for f in sorted(flags) if f.startswith(("avx", "fma", "sse")))}
+
+
+def _write_cases(out: Path, cases: list[str]) -> None:
+    """Run ``cases`` here and write each one's arrays (in their recorded form) to ``out/<case>.npz``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            arrays = run_case(case, Path(tmp))
+            np.savez_compressed(out / f"{case}.npz", **{k: _recorded_form(k, v) for k, v in arrays.items()})
+            print(f"{case}: {len(arrays)} arrays", flush=True)
+
+
+def run_pinned(out: Path, cases: list[str]) -> None:
+    """Run ``cases`` in a child process whose XLA is capped at ``PINNED_XLA_FLAGS`` (the flags are read
+    when XLA starts, so this process, whose XLA may be running already, cannot change them)."""
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {PINNED_XLA_FLAGS}".strip(),
+           "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, __file__, "--run", str(out), *cases], env=env,
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, f"the pinned run failed:\n{done.stdout}\n{done.stderr[-4000:]}"
 
 
 def write_golden() -> None:
-    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for case in CASES:
-            arrays = run_case(case, Path(tmp))
-            np.savez_compressed(GOLDEN_DIR / f"{case}.npz", **{k: _recorded_form(k, v) for k, v in arrays.items()})
-            print(f"{case}: {len(arrays)} arrays")
-    (GOLDEN_DIR / "provenance.json").write_text(json.dumps({"recorded_with": _provenance()}, indent=2) + "\n")
+    run_pinned(GOLDEN_DIR, list(CASES))
+    (GOLDEN_DIR / "provenance.json").write_text(json.dumps(_provenance(), indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def pinned_results(tmp_path_factory) -> Path:
+    """Every case run once, in one child process under the pinned instruction set."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the golden records are CPU results (an accelerator sums in other orders)")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"the golden records are x86-64 AVX2 code; this is {platform.machine()}")
+    model, flags = _cpu()
+    missing = [f for f in NEEDED_CPU_FLAGS if f not in flags]
+    assert not missing, f"the golden records are AVX2+FMA code; this CPU ({model}) lacks {', '.join(missing)}"
+    out = tmp_path_factory.mktemp("golden_rerun")
+    run_pinned(out, sorted(CASES))
+    return out
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_results_array_is_bit_identical_to_the_golden_record(case, tmp_path):
+def test_every_results_array_is_bit_identical_to_the_golden_record(case, pinned_results):
     path = GOLDEN_DIR / f"{case}.npz"
     assert path.is_file(), f"missing golden record {path}; record it with: python tests/test_golden.py --write"
     with np.load(path) as f:
         golden = {k: f[k] for k in f.files}
-    if jax.default_backend() != "cpu":
-        pytest.skip("the golden records are CPU results (an accelerator sums in other orders)")
-    got = run_case(case, tmp_path)
-    recorded = json.loads((GOLDEN_DIR / "provenance.json").read_text())["recorded_with"]
+    with np.load(pinned_results / f"{case}.npz") as f:
+        got = {k: f[k] for k in f.files}
+    recorded = json.loads((GOLDEN_DIR / "provenance.json").read_text())
     where = f"(recorded with {recorded}; this is {_provenance()})"
     assert sorted(got) == sorted(golden), f"other arrays than recorded {where}"
     for name, want in golden.items():
-        have = _recorded_form(name, got[name])
+        have = got[name]
         assert (have.dtype, have.shape) == (want.dtype, want.shape), f"{name}: dtype or shape changed {where}"
         assert np.array_equal(have, want) and have.tobytes() == want.tobytes(), f"{name}: values changed {where}"
 
@@ -120,6 +181,9 @@ def test_the_records_cover_what_they_are_meant_to():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
+    if sys.argv[1:] == ["--write"]:
+        write_golden()
+    elif sys.argv[1:2] == ["--run"] and len(sys.argv) > 3:
+        _write_cases(Path(sys.argv[2]), sys.argv[3:])
+    else:
         sys.exit("usage: python tests/test_golden.py --write")
-    write_golden()

@@ -159,7 +159,9 @@ def test_warm_start_shrink_perturb_mixes_the_network_with_a_fresh_one_at_boundar
 # ---- every method in a real run ------------------------------------------------------------------
 
 
-ALL_NEW = [{"name": "redo", "threshold": 0.5, "every": 3}, {"name": "l2_init", "strength": 1e-3},
+# ReDo at threshold 1: a unit scores its activation over its layer's mean, so every layer has a unit at or
+# below 1 and each recycling step resets at least one unit per layer, whatever the bits of the run
+ALL_NEW = [{"name": "redo", "threshold": 1.0, "every": 3}, {"name": "l2_init", "strength": 1e-3},
            {"name": "upgd", "noise_std": 1e-3}, {"name": "weight_clipping", "clip_factor": 2.0},
            {"name": "warm_start_shrink_perturb", "shrink": 0.5, "perturb": 0.1}]
 
@@ -174,7 +176,10 @@ def test_the_new_methods_run_together_and_their_metrics_are_recorded(tmp_path):
     run_experiments(cfg, [0], progress=False, log=lambda m: None)
     folder = ExperimentDir(tmp_path / "all_new")
     redo = folder.load_metric("redo_reset_units_per_epoch", 0)
-    assert redo.shape == (cfg.num_epochs, 17) and redo.dtype == np.int64 and redo.sum() > 0
+    assert redo.shape == (cfg.num_epochs, 17) and redo.dtype == np.int64
+    steps = np.cumsum([cfg.steps_per_epoch(e // cfg.epochs_per_task) for e in range(cfg.num_epochs)])
+    recycled = np.diff(steps // 3, prepend=0) > 0  # the epochs holding a recycling step (every 3rd)
+    assert recycled.any() and np.all(redo[recycled] > 0) and np.all(redo[~recycled] == 0), redo
     distance = folder.load_metric("distance_from_init_per_epoch", 0)
     assert distance.shape == (cfg.num_epochs,) and np.all(distance > 0)
     gate = folder.load_metric("mean_gate_per_epoch", 0)
