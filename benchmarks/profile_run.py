@@ -20,7 +20,6 @@ _T_FIRST_LINE = time.perf_counter()
 _WALL_FIRST_LINE = time.time()
 
 import argparse  # noqa: E402 - the first line's time is taken before any import
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -28,6 +27,8 @@ from collections.abc import Callable  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
 
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
@@ -176,9 +177,7 @@ def main(argv: list[str] | None = None, write: Callable[[str], None] = print) ->
     args, rest = p.parse_known_args(argv)
     out = profile(rest)
     write(format_rows(out))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    timing.write_json(args.json, {**out, "device": timing.device_description()})
     return int(out["exit_code"])
 
 

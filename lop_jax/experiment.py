@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lop_jax import methods as plasticity
@@ -263,9 +262,10 @@ def _run_epochs(loop: _Loop, state: Any, start: int) -> None:
 def _train(loop: _Loop, state: Any, epoch: int, data: TaskData) -> tuple[Any, _Trained]:
     """Train stage: one epoch of every run; a non-finite loss ends the run before anything is kept."""
     cfg = loop.cfg
-    lr = jnp.float32(cfg.stepsize_at(epoch))
+    # explicit transfers of the two per-epoch scalars (a jnp scalar built here is an implicit one)
+    lr, epoch_on_device = jax.device_put((np.float32(cfg.stepsize_at(epoch)), np.int32(epoch)))
     t0 = time.perf_counter()
-    state, losses, accs, metrics = loop.train_epoch(state, data, lr, jnp.int32(epoch),
+    state, losses, accs, metrics = loop.train_epoch(state, data, lr, epoch_on_device,
                                                      n_active=cfg.active_classes(epoch // cfg.epochs_per_task))
     losses, accs, metrics = jax.device_get((losses, accs, metrics))
     trained = _Trained(losses, accs, metrics, time.perf_counter() - t0)

@@ -5,9 +5,10 @@ within 2 h), and writes one JSON file.
     scripts/gpu_check.sh [--out FILE] [--config configs/continual_backpropagation.json]
         [--budget-seconds 570] [--cpu-dry-run]
 
-Stages, each in a fresh process (so that one that fails or runs out of memory leaves the others,
-and the determinism stage gets its own XLA flags), in order of importance, each stopped when the
-budget runs out:
+Stages, in order of importance, each stopped when the budget runs out. On a GPU each runs in a
+fresh process (so that one that fails or runs out of memory leaves the others, and the
+determinism stage alone gets its XLA flags); the dry run runs them all in this process, with the
+determinism flag set for all (it only concerns GPU kernels), unless ``--fresh-processes``:
 
     float32_1_seed      the paper config, one seed: throughput, projected run, compilations and
                         compile time per task (experiments.benchmark, synthetic images)
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"dry run {BUDGET_SECONDS[1]:.0f})")
     p.add_argument("--cpu-dry-run", action="store_true", help="the same stages at the smoke scale on the CPU")
     p.add_argument("--stages", default=",".join(STAGES), help="a comma list of stages (default: all)")
+    p.add_argument("--fresh-processes", action="store_true",
+                   help="with --cpu-dry-run: each stage in its own process, as on a GPU")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage, write --stage-json
     p.add_argument("--stage-json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -291,12 +294,25 @@ def main(argv: list[str] | None = None) -> int:
                               "results": {}, "stage_seconds": {}, "errors": {}}
     budget = args.budget_seconds if args.budget_seconds is not None else BUDGET_SECONDS[int(args.cpu_dry_run)]
     t_start = time.perf_counter()
+    in_process = args.cpu_dry_run and not args.fresh_processes
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        if in_process:  # before the first stage imports JAX
+            os.environ.update(_child_env("determinism", True, str(Path(tmp) / "xla")))
+            sys.path.insert(0, str(REPO_ROOT))
         for name in stages:
             left = budget - (time.perf_counter() - t_start)
             limit = min(STAGES[name][1 if args.cpu_dry_run else 0], left)
             if limit < 20:
                 report["errors"][name] = f"skipped: {left:.0f} s of the budget left"
+                continue
+            if in_process:
+                t0 = time.perf_counter()
+                print(f"gpu_check: {name}", flush=True)
+                try:
+                    report["results"][name] = json.loads(json.dumps(run_stage(name, config, True), default=str))
+                except Exception as err:  # a failed stage is reported and the others still run
+                    report["errors"][name] = f"{type(err).__name__}: " + " | ".join(str(err).splitlines()[-6:])
+                report["stage_seconds"][name] = round(time.perf_counter() - t0, 1)
                 continue
             stage_json = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--stage-json", str(stage_json),

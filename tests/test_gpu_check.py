@@ -96,6 +96,18 @@ def test_dry_run_cost_analysis_and_verdict_are_sane(dry_run):
     assert isinstance(verdict["one_run_minutes_meets_goal"], bool)
 
 
+def test_a_stage_in_its_own_process_as_on_a_gpu_writes_its_figures(tmp_path):
+    """The GPU path (one fresh process per stage, the determinism flag for that stage alone),
+    on the CPU at the smoke scale, with one stage."""
+    out = tmp_path / "fresh.json"
+    proc = _run("--cpu-dry-run", "--fresh-processes", "--stages", "determinism", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == {} and list(report["results"]) == ["determinism"]
+    det = report["results"]["determinism"]
+    assert "--xla_gpu_deterministic_ops=true" in det["xla_flags"] and det["identical"] and det["cbp_replaces"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--cpu-dry-run", "--stages", "nope"], "unknown stages"),
     (["--cpu-dry-run", "--config", "no/such.json"], "no config file"),
