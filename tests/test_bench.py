@@ -17,8 +17,8 @@ REPO = Path(__file__).parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is run from the checkout, not installed with the package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import profile_run, protocol, timing  # noqa: E402
-from lop_jax import cli  # noqa: E402
+from benchmarks import fidelity, profile_run, protocol, report, timing  # noqa: E402
+from lop_jax import cli, doc_markers  # noqa: E402
 
 
 class FakeClock:
@@ -171,6 +171,66 @@ def test_the_compilation_cache_folder(tmp_path):
     assert cli.compilation_cache_dir(None, {**home, cli.COMPILATION_CACHE_ENV: "/x/y"}) == Path("/x/y")
     # a folder JAX is already configured with (JAX_COMPILATION_CACHE_DIR, the test session's) wins
     assert cli.compilation_cache_dir("/set/by/jax", {cli.COMPILATION_CACHE_ENV: "off"}) == Path("/set/by/jax")
+
+
+# ---- docs/speed_vs_pytorch.md from the committed JSONs --------------------------------------------
+
+
+def test_the_speed_tables_are_the_ones_the_committed_benchmarks_give(tmp_path, capsys):
+    """Every speed table of docs/speed_vs_pytorch.md and the README is printed by benchmarks/report.py
+    from docs/speed/, never edited by hand: the two documents hold every table, each has its JSON,
+    regenerating them changes nothing."""
+    shown = []
+    for name in ("docs/speed_vs_pytorch.md", "README.md"):
+        committed = (REPO / name).read_text()
+        markers = [m for m in doc_markers.document_markers(committed) if m.startswith("speed: ")]
+        assert markers, f"{name} has no speed table"
+        shown += markers
+        doc = tmp_path / Path(name).name
+        doc.write_text(committed)
+        assert report.main(["--update", str(doc)]) == 0, capsys.readouterr().err
+        assert doc.read_text() == committed, f"{name}: its tables are not the committed JSONs'"
+    assert sorted(shown) == sorted(report.BUILDERS)
+
+
+def test_a_table_without_its_json_is_an_error_and_the_document_is_kept(tmp_path, capsys):
+    root = tmp_path / "speed"
+    root.mkdir()
+    for name in report.STEP_FILES:
+        (root / name).write_text((REPO / "docs" / "speed" / name).read_text())
+    doc = tmp_path / "speed.md"
+    text = "".join(f"<!-- report: {name} -->\nold\n<!-- /report -->\n" for name in ("speed: step", "speed: protocol"))
+    doc.write_text(text)
+    assert report.main(["--root", str(root), "--update", str(doc)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "speed: protocol" in err and "protocol_cold.json" in err
+    assert doc.read_text() == text
+    assert report.main(["--root", str(root)]) == 0  # printing shows what there is
+    assert "## speed: step" in capsys.readouterr().out
+
+
+def test_the_step_table_is_the_jsons_ratio_of_medians(tmp_path):
+    root = tmp_path / "speed"
+    root.mkdir()
+    for width, name in zip((64, 8), report.STEP_FILES, strict=True):
+        calls = {"lop_jax": [{"wall": w} for w in (2.0, 4.0, 3.0)], "torch": [{"wall": w} for w in (1.0, 2.0, 9.0)]}
+        (root / name).write_text(json.dumps({
+            "network_width": width, "train_batch_size": 90, "rounds": 3, "steps_per_round": 2, "calls": calls,
+            "step_seconds": {"lop_jax": 3.0, "torch": 2.0}, "images_per_second": {"lop_jax": 30.0, "torch": 45.0},
+            "ratio_lop_jax_over_torch": 1.5}))
+    table = report.step_table(root)
+    assert "| 64 | 90 | 3 × 2 | 3.000 (2.000–4.000) | 2.000 (1.000–9.000) | 30 | 45 | **1.50** |" in table
+
+
+def test_the_fidelity_table_pairs_the_seeds(tmp_path):
+    root = tmp_path / "speed"
+    root.mkdir()
+    acc = {"lop_jax": {"0": [0.5, 0.3], "1": [0.7, 0.1]}, "torch": {"0": [0.4, 0.3], "1": [0.6, 0.3]}}
+    (root / report.FIDELITY_FILE).write_text(json.dumps({"indices": [0, 1], "final_test_accuracy_per_task": acc}))
+    rows = report.fidelity_table(root).splitlines()
+    assert rows[2] == "| 1 | 0.600 ± 0.100 | 0.500 ± 0.100 | 0.100 ± 0.000 | 2 of 2 |"
+    assert rows[3] == "| 2 | 0.200 ± 0.100 | 0.300 ± 0.000 | -0.100 ± 0.100 | 0 of 2 |"
+    assert fidelity.final_per_task(np.arange(6.0), 3) == [2.0, 5.0]
 
 
 # ---- the twin against lop-jax (PyTorch installed) ----------------------------------------------------

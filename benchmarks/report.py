@@ -1,0 +1,249 @@
+"""docs/speed_vs_pytorch.md's tables, printed from the benchmark JSONs committed in docs/speed/.
+
+    python -m benchmarks.report [--root docs/speed] [--update docs/speed_vs_pytorch.md]
+
+Without ``--update`` the tables are printed. With it, the text between each ``<!-- report: NAME -->``
+and ``<!-- /report -->`` of the document is replaced by NAME's table; a marker whose JSON is not
+in ``--root`` is a one-line error and the document is left as it was. Nothing here imports JAX or
+PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from lop_jax.doc_markers import MissingArrays, document_markers, update_document
+
+REPO_ROOT = Path(__file__).parents[1]
+DEFAULT_ROOT = REPO_ROOT / "docs" / "speed"
+# the JSON files each table reads (names in --root)
+STEP_FILES = ("step64.json", "step8.json")
+PROTOCOL_FILES = {"cold": "protocol_cold.json", "warm": "protocol_warm.json"}
+PROFILE_FILES = {"cold": "profile_cold.json", "warm": "profile_warm.json"}
+BEFORE_AFTER_FILE = "before_after.json"
+FIDELITY_FILE = "fidelity.json"
+ALL_FILES = (*STEP_FILES, *PROTOCOL_FILES.values(), *PROFILE_FILES.values(), BEFORE_AFTER_FILE, FIDELITY_FILE)
+BEFORE_AFTER_LABELS = {"before": "before (commit 29ef8cb, no cache)", "after_cold": "after, empty cache",
+                       "after_warm": "after, cache filled by an earlier run of the config"}
+RECORDED_NAMES = {"epoch_runtime": "training epochs", "test_evaluation_runtime": "test evaluation",
+                  "validation_evaluation_runtime": "validation evaluation"}
+
+
+def _load(root: Path, name: str) -> dict[str, Any] | None:
+    path = root / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _range(values: list[float], fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(min(values))}–{fmt.format(max(values))}"
+
+
+def device_table(root: Path) -> str | None:
+    """Where and under what load each benchmark ran."""
+    rows = []
+    for name in ALL_FILES:
+        got = _load(root, name)
+        if got is None:
+            return None
+        dev = got["device"]
+        load = dev.get("load_average_1_5_15_min") or []
+        rows.append(f"| `{name}` | {dev['cpu']} | {dev['cores_usable']} | "
+                    f"{', '.join(f'{x:.2f}' for x in load) or 'n/a'} |")
+    return "\n".join(["| benchmark | CPU | cores usable | load average at the end (1, 5, 15 min) |",
+                      "| --- | --- | ---: | --- |", *rows])
+
+
+def step_table(root: Path) -> str | None:
+    """(a): seconds per train step on each side, images per second, the ratio of medians."""
+    rows = []
+    for name in STEP_FILES:
+        got = _load(root, name)
+        if got is None:
+            return None
+        per = {side: [c["wall"] for c in got["calls"][side]] for side in ("lop_jax", "torch")}
+        rows.append(f"| {got['network_width']} | {got['train_batch_size']} | {got['rounds']} × "
+                    f"{got['steps_per_round']} | {got['step_seconds']['lop_jax']:.3f} ({_range(per['lop_jax'])}) | "
+                    f"{got['step_seconds']['torch']:.3f} ({_range(per['torch'])}) | "
+                    f"{got['images_per_second']['lop_jax']:.0f} | {got['images_per_second']['torch']:.0f} | "
+                    f"**{got['ratio_lop_jax_over_torch']:.2f}** |")
+    return "\n".join([
+        "| width | batch | rounds × steps | lop-jax s/step (rounds' range) | PyTorch s/step (rounds' range) "
+        "| lop-jax img/s | PyTorch img/s | **lop-jax / PyTorch** |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |", *rows])
+
+
+def protocol_table(root: Path) -> str | None:
+    """(b): whole processes, wall and CPU time, medians and ratios, per cache mode."""
+    rows = []
+    for mode, name in PROTOCOL_FILES.items():
+        got = _load(root, name)
+        if got is None:
+            return None
+        med = got["medians"]
+        walls = {side: [c["wall"] for c in got["calls"][side]] for side in ("lop_jax", "torch")}
+        rows.append(f"| {mode} | {got['repeats']} "
+                    f"| {med['lop_jax']['wall']:.1f} s ({_range(walls['lop_jax'], '{:.1f}')}) "
+                    f"| {med['torch']['wall']:.1f} s ({_range(walls['torch'], '{:.1f}')}) "
+                    f"| **{got['ratio_wall_lop_jax_over_torch']:.2f}** | {med['lop_jax']['cpu']:.1f} s "
+                    f"| {med['torch']['cpu']:.1f} s | **{got['ratio_cpu_lop_jax_over_torch']:.2f}** |")
+    return "\n".join([
+        "| lop-jax's compilation cache | pairs | lop-jax wall (range) | PyTorch wall (range) | **ratio wall** "
+        "| lop-jax CPU | PyTorch CPU | **ratio CPU** |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows])
+
+
+def recorded_table(root: Path) -> str | None:
+    """Each side's own recorded training and evaluation seconds in the protocol runs (medians)."""
+    rows = []
+    for mode, name in PROTOCOL_FILES.items():
+        got = _load(root, name)
+        if got is None:
+            return None
+        for side, label in (("lop_jax", f"lop-jax, {mode} cache"), ("torch", f"PyTorch (beside lop-jax {mode})")):
+            calls = got["recorded_seconds"][side]
+            cells = [f"{statistics.median(c[key] for c in calls):.1f} s" for key in RECORDED_NAMES]
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(["| side | " + " | ".join(RECORDED_NAMES.values()) + " |",
+                      "| --- | " + " | ".join("---:" for _ in RECORDED_NAMES) + " |", *rows])
+
+
+def _mean_se(values: list[float]) -> str:
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.3f} ± {se:.3f}"
+
+
+def fidelity_table(root: Path) -> str | None:
+    """Final test accuracy of each task on both sides over the same seeds and classes, and the paired
+    difference (mean ± standard error over the seeds)."""
+    got = _load(root, FIDELITY_FILE)
+    if got is None:
+        return None
+    acc = got["final_test_accuracy_per_task"]
+    seeds = [str(i) for i in got["indices"]]
+    n_tasks = len(acc["lop_jax"][seeds[0]])
+    lines = ["| task | lop-jax | PyTorch twin | lop-jax − PyTorch (paired) | seeds where lop-jax is higher |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for t in range(n_tasks):
+        ours, theirs = [acc["lop_jax"][i][t] for i in seeds], [acc["torch"][i][t] for i in seeds]
+        diff = [a - b for a, b in zip(ours, theirs, strict=True)]
+        lines.append(f"| {t + 1} | {_mean_se(ours)} | {_mean_se(theirs)} | {_mean_se(diff)} "
+                     f"| {sum(d > 0 for d in diff)} of {len(diff)} |")
+    return "\n".join([*lines, "", f"Seeds (run indices): {', '.join(seeds)}; mean ± standard error over them."])
+
+
+def profile_table(root: Path) -> str | None:
+    """lop-jax's run broken down by stage, cold and warm compilation cache side by side."""
+    got = {mode: _load(root, name) for mode, name in PROFILE_FILES.items()}
+    if any(v is None for v in got.values()):
+        return None
+    names = sorted({n for v in got.values() for n in v["rows"]},
+                   key=lambda n: -max(v["rows"].get(n, {"seconds": 0.0})["seconds"] for v in got.values()))
+    lines = ["| stage | cold: seconds | share | warm: seconds | share |", "| --- | ---: | ---: | ---: | ---: |"]
+    for n in names:
+        cells = []
+        for v in got.values():
+            s = v["rows"].get(n, {"seconds": 0.0})["seconds"]
+            cells += [f"{s:.2f}", f"{100 * s / v['total_seconds']:.1f} %"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    totals = [f"**{v['total_seconds']:.1f}**" for v in got.values()]
+    lines.append(f"| **total, process start to end** | {totals[0]} | | {totals[1]} | |")
+    lines.append("| compilation, all stages | " + " | ".join(f"{v['compile_seconds']:.1f} | "
+                                                          f"{100 * v['compile_seconds'] / v['total_seconds']:.1f} %"
+                                                          for v in got.values()) + " |")
+    lines.append("| checkpoint writes on the writer thread (beside the loop) | " + " | ".join(
+        f"{v['checkpoint_writes_on_writer_thread_seconds']:.2f} | " for v in got.values()) + " |")
+    return "\n".join(lines)
+
+
+def before_after_table(root: Path) -> str | None:
+    """This checkout against the commit before the speed changes, whole processes, alternating."""
+    got = _load(root, BEFORE_AFTER_FILE)
+    if got is None:
+        return None
+    lines = ["| variant | wall (median; calls) | CPU (median) | wall / before | CPU / before |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, med in got["medians"].items():
+        walls = ", ".join(f"{c['wall']:.1f}" for c in got["calls"][name])
+        ratio = got["ratios_to_before"][name]
+        lines.append(f"| {BEFORE_AFTER_LABELS.get(name, name)} | {med['wall']:.1f} s ({walls}) | {med['cpu']:.1f} s "
+                     f"| **{ratio['wall']:.2f}** | **{ratio['cpu']:.2f}** |")
+    return "\n".join(lines)
+
+
+def summary_table(root: Path) -> str | None:
+    """The README's four ratios: the step at both widths, the protocol with both caches."""
+    steps = [_load(root, n) for n in STEP_FILES]
+    runs = {mode: _load(root, n) for mode, n in PROTOCOL_FILES.items()}
+    if any(v is None for v in (*steps, *runs.values())):
+        return None
+    cpu = steps[0]["device"]["cpu"]
+    lines = [f"| lop-jax / PyTorch on {cpu}, 2 cores | wall | CPU |", "| --- | ---: | ---: |"]
+    for got in steps:
+        lines.append(f"| train step, width {got['network_width']}, batch {got['train_batch_size']} "
+                     f"| {got['ratio_lop_jax_over_torch']:.2f} | |")
+    for mode, got in runs.items():
+        lines.append(f"| whole laptop-size protocol, compilation cache {mode} "
+                     f"| {got['ratio_wall_lop_jax_over_torch']:.2f} | {got['ratio_cpu_lop_jax_over_torch']:.2f} |")
+    return "\n".join(lines)
+
+
+BUILDERS = {"speed: device": device_table, "speed: step": step_table, "speed: protocol": protocol_table,
+            "speed: recorded seconds": recorded_table, "speed: fidelity": fidelity_table,
+            "speed: profile": profile_table, "speed: before after": before_after_table,
+            "speed: summary": summary_table}
+
+JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE,),
+           "speed: summary": (*STEP_FILES, *PROTOCOL_FILES.values()),
+           "speed: step": STEP_FILES, "speed: protocol": tuple(PROTOCOL_FILES.values()),
+           "speed: recorded seconds": tuple(PROTOCOL_FILES.values()),
+           "speed: fidelity": (FIDELITY_FILE,), "speed: profile": tuple(PROFILE_FILES.values())}
+
+
+def tables(root: Path) -> dict[str, str]:
+    """Every table whose JSON files are in ``root``, by marker name."""
+    out = {}
+    for name, build in BUILDERS.items():
+        text = build(root)
+        if text is not None:
+            out[name] = text
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=str(DEFAULT_ROOT), help="the folder of the benchmark JSONs")
+    p.add_argument("--update", type=Path, help="the document whose report markers to regenerate")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"error: no benchmark folder {root}", file=sys.stderr)
+        return 2
+    found = tables(root)
+    if args.update is None:
+        for name, text in found.items():
+            print(f"## {name}\n\n{text}\n")
+        return 0
+    if not args.update.is_file():
+        print(f"error: no document {args.update}", file=sys.stderr)
+        return 2
+    missing = [n for n in document_markers(args.update.read_text()) if n not in found]
+    if missing:
+        print(f"error: {args.update}: marker '<!-- report: {missing[0]} -->' has no benchmark JSON in {root} "
+              f"(it reads {', '.join(JSON_OF[missing[0]])})", file=sys.stderr)
+        return 2
+    try:
+        done = update_document(args.update, found)
+    except MissingArrays as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.update}: updated {', '.join(done)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
