@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lop_jax.doc_markers import MissingArrays, document_markers, update_document
+from lop_jax.doc_markers import document_markers, update_for_command
 
 REPO_ROOT = Path(__file__).parents[1]
 DEFAULT_ROOT = REPO_ROOT / "docs" / "speed"
@@ -236,13 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.update}: marker '<!-- report: {missing[0]} -->' has no benchmark JSON in {root} "
               f"(it reads {', '.join(JSON_OF[missing[0]])})", file=sys.stderr)
         return 2
-    try:
-        done = update_document(args.update, found)
-    except MissingArrays as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.update}: updated {', '.join(done)}")
-    return 0
+    return update_for_command(args.update, found)
 
 
 if __name__ == "__main__":

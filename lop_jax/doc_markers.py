@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 MARKER = re.compile(r"<!-- report: (.+?) -->")
@@ -35,3 +36,15 @@ def update_document(doc: Path, tables: dict[str, str]) -> list[str]:
             raise MissingArrays(f"{doc}: marker '<!-- report: {name} -->' has no closing <!-- /report -->")
     doc.write_text(text)
     return names
+
+
+def update_for_command(doc: Path, tables: dict[str, str]) -> int:
+    """``update_document`` as a command runs it: prints which tables it replaced and returns 0, or
+    prints the one-line error and returns 2 with the document left as it was."""
+    try:
+        done = update_document(doc, tables)
+    except (MissingArrays, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{doc}: updated {', '.join(done) or 'nothing (no report marker)'}")
+    return 0

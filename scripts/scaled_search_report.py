@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lop_jax.doc_markers import MissingArrays, update_document
+from lop_jax.doc_markers import update_for_command
 from lop_jax.results import ExperimentDir
 from lop_jax.sweep import SYSTEMS
 
@@ -157,13 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     tables = collect_tables(args.root)
     if args.update is not None:
-        try:
-            done = update_document(args.update, tables)
-        except MissingArrays as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(f"{args.update}: updated {', '.join(done) or 'nothing (no report marker)'}")
-        return 0
+        return update_for_command(args.update, tables)
     for name, table in tables.items():
         print(f"### {name}\n\n{table}\n")
     return 0
