@@ -39,17 +39,28 @@ def _load(root: Path, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _load_all(root: Path, names: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """Every one of ``names``, or None when one is missing (its table is then not printed)."""
+    got = [_load(root, name) for name in names]
+    return None if any(g is None for g in got) else got
+
+
+def _walls(got: dict[str, Any], side: str) -> list[float]:
+    """One side's wall time of every call of a benchmark."""
+    return [c["wall"] for c in got["calls"][side]]
+
+
 def _range(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(min(values))}–{fmt.format(max(values))}"
 
 
 def device_table(root: Path) -> str | None:
     """Where and under what load each benchmark ran."""
+    loaded = _load_all(root, ALL_FILES)
+    if loaded is None:
+        return None
     rows = []
-    for name in ALL_FILES:
-        got = _load(root, name)
-        if got is None:
-            return None
+    for name, got in zip(ALL_FILES, loaded, strict=True):
         dev = got["device"]
         load = dev.get("load_average_1_5_15_min") or []
         rows.append(f"| `{name}` | {dev['cpu']} | {dev['cores_usable']} | "
@@ -60,12 +71,12 @@ def device_table(root: Path) -> str | None:
 
 def step_table(root: Path) -> str | None:
     """(a): seconds per train step on each side, images per second, the ratio of medians."""
+    loaded = _load_all(root, STEP_FILES)
+    if loaded is None:
+        return None
     rows = []
-    for name in STEP_FILES:
-        got = _load(root, name)
-        if got is None:
-            return None
-        per = {side: [c["wall"] for c in got["calls"][side]] for side in ("lop_jax", "torch")}
+    for got in loaded:
+        per = {side: _walls(got, side) for side in ("lop_jax", "torch")}
         rows.append(f"| {got['network_width']} | {got['train_batch_size']} | {got['rounds']} × "
                     f"{got['steps_per_round']} | {got['step_seconds']['lop_jax']:.3f} ({_range(per['lop_jax'])}) | "
                     f"{got['step_seconds']['torch']:.3f} ({_range(per['torch'])}) | "
@@ -79,13 +90,13 @@ def step_table(root: Path) -> str | None:
 
 def protocol_table(root: Path) -> str | None:
     """(b): whole processes, wall and CPU time, medians and ratios, per cache mode."""
+    loaded = _load_all(root, tuple(PROTOCOL_FILES.values()))
+    if loaded is None:
+        return None
     rows = []
-    for mode, name in PROTOCOL_FILES.items():
-        got = _load(root, name)
-        if got is None:
-            return None
+    for mode, got in zip(PROTOCOL_FILES, loaded, strict=True):
         med = got["medians"]
-        walls = {side: [c["wall"] for c in got["calls"][side]] for side in ("lop_jax", "torch")}
+        walls = {side: _walls(got, side) for side in ("lop_jax", "torch")}
         rows.append(f"| {mode} | {got['repeats']} "
                     f"| {med['lop_jax']['wall']:.1f} s ({_range(walls['lop_jax'], '{:.1f}')}) "
                     f"| {med['torch']['wall']:.1f} s ({_range(walls['torch'], '{:.1f}')}) "
@@ -99,11 +110,11 @@ def protocol_table(root: Path) -> str | None:
 
 def recorded_table(root: Path) -> str | None:
     """Each side's own recorded training and evaluation seconds in the protocol runs (medians)."""
+    loaded = _load_all(root, tuple(PROTOCOL_FILES.values()))
+    if loaded is None:
+        return None
     rows = []
-    for mode, name in PROTOCOL_FILES.items():
-        got = _load(root, name)
-        if got is None:
-            return None
+    for mode, got in zip(PROTOCOL_FILES, loaded, strict=True):
         for side, label in (("lop_jax", f"lop-jax, {mode} cache"), ("torch", f"PyTorch (beside lop-jax {mode})")):
             calls = got["recorded_seconds"][side]
             cells = [f"{statistics.median(c[key] for c in calls):.1f} s" for key in RECORDED_NAMES]
@@ -138,9 +149,10 @@ def fidelity_table(root: Path) -> str | None:
 
 def profile_table(root: Path) -> str | None:
     """lop-jax's run broken down by stage, cold and warm compilation cache side by side."""
-    got = {mode: _load(root, name) for mode, name in PROFILE_FILES.items()}
-    if any(v is None for v in got.values()):
+    loaded = _load_all(root, tuple(PROFILE_FILES.values()))
+    if loaded is None:
         return None
+    got = dict(zip(PROFILE_FILES, loaded, strict=True))
     names = sorted({n for v in got.values() for n in v["rows"]},
                    key=lambda n: -max(v["rows"].get(n, {"seconds": 0.0})["seconds"] for v in got.values()))
     lines = ["| stage | cold: seconds | share | warm: seconds | share |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -177,10 +189,11 @@ def before_after_table(root: Path) -> str | None:
 
 def summary_table(root: Path) -> str | None:
     """The README's four ratios: the step at both widths, the protocol with both caches."""
-    steps = [_load(root, n) for n in STEP_FILES]
-    runs = {mode: _load(root, n) for mode, n in PROTOCOL_FILES.items()}
-    if any(v is None for v in (*steps, *runs.values())):
+    loaded = _load_all(root, (*STEP_FILES, *PROTOCOL_FILES.values()))
+    if loaded is None:
         return None
+    steps = loaded[:len(STEP_FILES)]
+    runs = dict(zip(PROTOCOL_FILES, loaded[len(STEP_FILES):], strict=True))
     cpu = steps[0]["device"]["cpu"]
     lines = [f"| lop-jax / PyTorch on {cpu}, 2 cores | wall | CPU |", "| --- | ---: | ---: |"]
     for got in steps:
