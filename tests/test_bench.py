@@ -17,7 +17,7 @@ REPO = Path(__file__).parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is run from the checkout, not installed with the package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import fidelity, profile_run, protocol, report, timing  # noqa: E402
+from benchmarks import fidelity, op_profile, profile_run, protocol, report, timing  # noqa: E402
 from lop_jax import cli, doc_markers  # noqa: E402
 
 
@@ -160,6 +160,46 @@ def test_profile_stages_count_nested_time_once(monkeypatch):
         clock.now += 3.0
     assert stages.seconds == {"epoch": 5.0, "snapshot": 5.0}
     assert stages.compiles["snapshot"] == {"xla_compile": 1.5} and stages.programs["snapshot"] == {"jit(f)": 1}
+
+
+# ---- the operation profile ------------------------------------------------------------------------
+
+def test_the_operation_profile_sums_the_operations_by_kind_and_category_and_skips_the_runtimes_events():
+    events = [
+        {"ph": "X", "name": "convolution.3", "dur": 300.0},
+        {"ph": "X", "name": "convolution", "dur": 100.0},
+        {"ph": "X", "name": "transpose_copy_fusion.1", "dur": 250.0},
+        {"ph": "X", "name": "multiply_add_fusion.12", "dur": 350.0},
+        {"ph": "X", "name": "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice", "dur": 5000.0},
+        {"ph": "X", "name": "$profiler.py:151 start_trace", "dur": 70.0},
+        {"ph": "X", "name": "end: convolution.3", "dur": 4.0},
+        {"ph": "i", "name": "copy.2", "dur": 999.0},  # not a complete event
+    ]
+    ops = op_profile.operation_events(events)
+    assert sorted(n for n, _ in ops) == ["convolution", "convolution.3", "multiply_add_fusion.12",
+                                         "transpose_copy_fusion.1"]
+    out = op_profile.aggregate(ops, steps=2, wall_seconds=0.002, top=2)
+    assert out["operation_ms_per_step"] == pytest.approx(0.5) and out["wall_ms_per_step"] == pytest.approx(1.0)
+    assert out["busy_over_wall"] == pytest.approx(0.5) and out["operations_per_step"] == 2
+    assert out["distinct_instructions"] == 4
+    assert [r["kind"] for r in out["by_kind"]] == ["convolution", "multiply_add_fusion"]  # the top 2
+    assert out["by_kind"][0]["count_per_step"] == 1 and out["by_kind"][0]["share"] == pytest.approx(0.4)
+    cats = out["by_category"]
+    assert list(cats) == ["convolution", "element-wise fusion", "copy, slice or transpose"]
+    assert cats["copy, slice or transpose"]["ms_per_step"] == pytest.approx(0.125)
+    assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="nothing to aggregate"):
+        op_profile.aggregate([], steps=2, wall_seconds=1.0, top=2)
+
+
+def test_the_operation_profile_of_a_real_step_finds_its_convolutions(tmp_path):
+    """jax.profiler's trace of the compiled step at the smoke scale holds the step's operations."""
+    from lop_jax.config import load_config
+
+    out = op_profile.profile_step(load_config(REPO / "configs/smoke.json"), steps=1, top=5, trace_dir=tmp_path)
+    assert out["operations_per_step"] > 20 and out["wall_ms_per_step"] > 0
+    assert "convolution" in out["by_category"] and len(out["by_kind"]) == 5
+    assert sum(c["share"] for c in out["by_category"].values()) == pytest.approx(1.0)
 
 
 # ---- experiments.run's compilation cache -----------------------------------------------------------
