@@ -3,7 +3,7 @@
 Each case is a paper config with the smoke protocol's sizes laid over it (as ``configs/smoke.json``
 sets them), run on the CPU and analysed; every array it leaves in its experiment directory
 (``<metric>/index-<N>.npy``, the analysis' included) must equal the one recorded in
-``tests/data/golden_smoke/<case>.npz``: same dtype, same shape, same bytes. The wall-clock arrays
+``tests/data/golden_smoke/<cpu class>/<case>.npz``: same dtype, same shape, same bytes. The wall-clock arrays
 (``*_runtime``) are recorded zeroed and only their dtype and shape are compared. A missing golden
 file or array fails; nothing here is skipped except on an accelerator (the records are CPU ones).
 
@@ -14,12 +14,16 @@ system with the epoch as one ``lax.scan`` (the accelerators' mode) instead of th
 XLA compiles for the CPU it runs on, and its code for the element-wise work (exp, log, the fused
 multiply-adds) changes with the instruction set: the same program gives other bits with and without
 FMA, and with AVX-512. So the cases run in a child process whose XLA is capped at AVX2
-(``PINNED_XLA_FLAGS``) and the records are that code's bits; an x86-64 CPU with AVX2 and FMA is
-expected to reproduce them (checked on an AVX-512 one, where the cap changes the bits and then
-matches; not yet on an AVX2-only one); a CPU without them fails with a message saying so.
-``provenance.json`` names the versions, the flags and the CPU the records were made on.
+(``PINNED_XLA_FLAGS``); a CPU without AVX2 and FMA fails with a message saying so. The cap is not
+enough across vendors: under it an Intel Xeon and an AMD EPYC (both with AVX-512) still give other
+bits for the same program, whatever is left choosing its kernels by the CPU at run time. So the
+records are kept per CPU class, the vendor (``cpu_class``: ``amd``, ``intel``), each the same code's
+bits, and a machine is compared with its class's records; a class without records fails, naming
+the command that makes them. Each class's ``provenance.json`` names the versions, the flags and
+the CPU its records were made on.
 
-Re-record, only when a change of results is intended and explained in the commit:
+Re-record (this machine's class), only on a commit whose results are known good, or when a
+change of results is intended and explained in the commit:
 
     python tests/test_golden.py --write
 """
@@ -97,6 +101,24 @@ def _cpu() -> tuple[str, set[str]]:
     return model, flags
 
 
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+
+
+def cpu_class() -> str:
+    """The class of this CPU whose golden records it is compared with: its vendor, as
+    /proc/cpuinfo's ``vendor_id`` names it (``amd``, ``intel``; another vendor by its own id)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    vendor = next((v.strip() for k, _, v in (ln.partition(":") for ln in lines) if k.strip() == "vendor_id"),
+                  platform.processor() or platform.machine())
+    return VENDORS.get(vendor, vendor.lower() or "unknown")
+
+
+def records_dir() -> Path:
+    """This machine's class's records."""
+    return GOLDEN_DIR / cpu_class()
+
+
 def _provenance() -> dict[str, str]:
     model, flags = _cpu()
     return {"recorded_with": f"jax {jax.__version__}, numpy {np.__version__}, {jax.default_backend()}",
@@ -125,8 +147,9 @@ def run_pinned(out: Path, cases: list[str]) -> None:
 
 
 def write_golden() -> None:
-    run_pinned(GOLDEN_DIR, list(CASES))
-    (GOLDEN_DIR / "provenance.json").write_text(json.dumps(_provenance(), indent=2) + "\n")
+    out = records_dir()
+    run_pinned(out, list(CASES))
+    (out / "provenance.json").write_text(json.dumps(_provenance(), indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +169,17 @@ def pinned_results(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_results_array_is_bit_identical_to_the_golden_record(case, pinned_results):
-    path = GOLDEN_DIR / f"{case}.npz"
+    folder = records_dir()
+    assert folder.is_dir(), (f"no golden records for this CPU class ({cpu_class()}; recorded: "
+                             f"{', '.join(sorted(_classes())) or 'none'}); on a commit known good, record them with: "
+                             "python tests/test_golden.py --write")
+    path = folder / f"{case}.npz"
     assert path.is_file(), f"missing golden record {path}; record it with: python tests/test_golden.py --write"
     with np.load(path) as f:
         golden = {k: f[k] for k in f.files}
     with np.load(pinned_results / f"{case}.npz") as f:
         got = {k: f[k] for k in f.files}
-    recorded = json.loads((GOLDEN_DIR / "provenance.json").read_text())
+    recorded = json.loads((folder / "provenance.json").read_text())
     where = f"(recorded with {recorded}; this is {_provenance()})"
     assert sorted(got) == sorted(golden), f"other arrays than recorded {where}"
     for name, want in golden.items():
@@ -161,24 +188,38 @@ def test_every_results_array_is_bit_identical_to_the_golden_record(case, pinned_
         assert np.array_equal(have, want) and have.tobytes() == want.tobytes(), f"{name}: values changed {where}"
 
 
+def _classes() -> list[str]:
+    return sorted(p.name for p in GOLDEN_DIR.iterdir() if p.is_dir()) if GOLDEN_DIR.is_dir() else []
+
+
 def test_the_records_cover_what_they_are_meant_to():
-    """CBP at the high rate replaced units in every run; the paper rate replaced none at this size;
-    every case has the analysis; the vmapped case has both indices."""
-    def load(case):
-        with np.load(GOLDEN_DIR / f"{case}.npz") as f:
+    """In every class's records: CBP at the high rate replaced units in every run; the paper rate
+    replaced none at this size; every case has the analysis; the vmapped case has both indices;
+    the classes record the same arrays, and the data that does not depend on the CPU (the class
+    orders) is the same in all."""
+    classes = _classes()
+    assert classes, f"no golden records under {GOLDEN_DIR}"
+
+    def load(cls, case):
+        with np.load(GOLDEN_DIR / cls / f"{case}.npz") as f:
             return {k: f[k] for k in f.files}
 
-    for case, (_, _, indices) in CASES.items():
-        arrays = load(case)
-        for i in indices:
-            for metric in ("test_accuracy_per_epoch", "train_loss_per_checkpoint", "class_order",
-                           "next_task_dormant_units_analysis", "accuracy_per_class_in_order"):
-                assert f"{metric}/index-{i}" in arrays, (case, metric, i)
-    high = load("cbp_high_rate")
-    assert all(high[f"replaced_units_per_epoch/index-{i}"].sum() > 0 for i in (0, 1))
-    assert load("continual_backpropagation")["replaced_units_per_epoch/index-0"].sum() == 0
-    total = sum(p.stat().st_size for p in GOLDEN_DIR.iterdir())
-    assert total < 1_000_000, total
+    for cls in classes:
+        assert (GOLDEN_DIR / cls / "provenance.json").is_file(), cls
+        for case, (_, _, indices) in CASES.items():
+            arrays = load(cls, case)
+            assert sorted(arrays) == sorted(load(classes[0], case)), (cls, case)
+            for i in indices:
+                for metric in ("test_accuracy_per_epoch", "train_loss_per_checkpoint", "class_order",
+                               "next_task_dormant_units_analysis", "accuracy_per_class_in_order"):
+                    assert f"{metric}/index-{i}" in arrays, (cls, case, metric, i)
+                order = f"class_order/index-{i}"
+                assert np.array_equal(arrays[order], load(classes[0], case)[order]), (cls, case)
+        high = load(cls, "cbp_high_rate")
+        assert all(high[f"replaced_units_per_epoch/index-{i}"].sum() > 0 for i in (0, 1)), cls
+        assert load(cls, "continual_backpropagation")["replaced_units_per_epoch/index-0"].sum() == 0, cls
+        total = sum(p.stat().st_size for p in (GOLDEN_DIR / cls).iterdir())
+        assert total < 1_000_000, (cls, total)
 
 
 if __name__ == "__main__":
