@@ -145,11 +145,24 @@ def analyze_runs(exp_dir: Path, indices: Sequence[int], data: Any = None, log: C
     return todo
 
 
+# where the files of a run were on the machine that made it: an export records the defaults instead
+MACHINE_KEYS = ("data_path", "results_dir")
+
+
+def exported_config(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config as an export records it: the machine's locations (``MACHINE_KEYS``,
+    operational keys that no comparison reads) set to their defaults, so that a committed export
+    names no path of the machine it was made on."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    return {k: defaults[k] if k in MACHINE_KEYS and k in defaults else v for k, v in stored.items()}
+
+
 def export_results(results_dir: str | Path, systems: Sequence[str], export_dir: str | Path,
                    indices: Sequence[int]) -> list[Path]:
     """Copy the small files of the given finished runs (results arrays, analysis, config, status) to
     ``<export_dir>/results/<system>/``, so that the figures can be redrawn from a repository. Network
-    weights and checkpoints are left out (large, and rebuilt by rerunning)."""
+    weights and checkpoints are left out (large, and rebuilt by rerunning); the config is written
+    as ``exported_config`` gives it."""
     results_dir, out_root = Path(results_dir), Path(export_dir) / "results"
     written = []
     for system in systems:
@@ -159,7 +172,7 @@ def export_results(results_dir: str | Path, systems: Sequence[str], export_dir: 
             continue
         dest = out_root / system
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src.config_path, dest / src.config_path.name)
+        save_json(dest / src.config_path.name, exported_config(json.loads(src.config_path.read_text())))
         written.append(dest / src.config_path.name)
         for f in files:
             target = dest / f.relative_to(src.path)

@@ -140,6 +140,11 @@ def test_sweep_runs_analyses_exports_draws_and_then_skips_what_is_exported(tmp_p
     exported = [f for f in (export / "results").rglob("*") if f.is_file()]
     assert exported and all(f.suffix in (".npy", ".json") for f in exported)
     assert not any(part in {"checkpoints", "model_parameters", "previous_runs"} for f in exported for part in f.parts)
+    # the exported config is the run's, less the machine's locations (the run's own names them)
+    stored = json.loads((results / systems[0] / "config.json").read_text())
+    assert stored["results_dir"] == str(results)
+    shown = json.loads((export / "results" / systems[0] / "config.json").read_text())
+    assert shown == {**stored, "data_path": "", "results_dir": ""}
 
     written = draw_sweep(export / "results", systems, export / "figures", log=lambda m: None)
     names = {p.name for p in written}
@@ -166,6 +171,14 @@ def test_sweep_runs_analyses_exports_draws_and_then_skips_what_is_exported(tmp_p
     changed = [dataclasses.replace(c, epochs_per_task=3) for c in configs]
     with pytest.raises(ConfigError, match="exported runs .* another config .*epochs_per_task"):
         run_sweep(changed, [0], results, export, data=data, progress=False, log=lambda m: None)
+
+
+def test_no_committed_export_names_a_location_of_the_machine_that_made_it():
+    configs = sorted(REPO_ROOT.glob("docs/**/results/*/config.json"))
+    assert configs, "no exported config under docs/"
+    for path in configs:
+        cfg = json.loads(path.read_text())
+        assert (cfg.get("data_path", ""), cfg.get("results_dir", "")) == ("", ""), path
 
 
 def test_exported_arrays_under_docs_are_committable_and_runs_and_weights_are_ignored():
