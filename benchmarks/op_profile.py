@@ -144,7 +144,7 @@ def format_profile(out: dict[str, Any]) -> str:
     """The profile as text: the totals, then the categories and the kinds with their shares."""
     lines = [f"{out['wall_ms_per_step']:.1f} ms per step (wall), {out['operation_ms_per_step']:.1f} ms in "
              f"{out['operations_per_step']:.0f} operations (busy / wall = {out['busy_over_wall']:.2f})", "by category:"]
-    lines += [f"  {c:<22} {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f} %" for c, r in out["by_category"].items()]
+    lines += [f"  {c:<28} {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f} %" for c, r in out["by_category"].items()]
     lines.append("by kind (largest first):")
     lines += [f"  {r['kind']:<40} {r['count_per_step']:5.0f}x {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f} %"
               for r in out["by_kind"]]
