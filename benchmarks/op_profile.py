@@ -111,19 +111,11 @@ def _read_trace(folder: Path) -> list[dict[str, Any]]:
 def profile_step(cfg: Any, steps: int, top: int, trace_dir: Path) -> dict[str, Any]:
     """Compile the step, run it once untimed, trace ``steps`` steps and aggregate the operations."""
     import jax
-    import numpy as np
 
+    from benchmarks.step import first_task_step
     from experiments.benchmark import synthetic_data
-    from lop_jax.run_axis import stack_states
-    from lop_jax.train import class_order_for, epoch_plan, init_state, make_step_of_runs, task_data
 
-    data = synthetic_data(cfg)
-    n_active = cfg.active_classes(0)
-    state = stack_states([init_state(cfg, 0)])
-    images = task_data(jax.device_put(data.train), stack_states([class_order_for(0, data.num_classes)]), n_active)
-    step = make_step_of_runs(cfg)
-    epoch, lr = jax.device_put(np.int32(0)), jax.device_put(np.float32(cfg.stepsize))
-    batches, numbers = epoch_plan(state.key, epoch, n_active * data.train.shape[1], cfg.train_batch_size)
+    step, state, images, epoch, lr, batches, numbers = first_task_step(cfg, synthetic_data(cfg))
 
     def run(st: Any, count: int) -> Any:
         for k in range(count):

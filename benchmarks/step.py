@@ -25,6 +25,23 @@ from benchmarks import timing
 DEFAULT_CONFIG = "configs/base_deep_learning_system.json"
 
 
+def first_task_step(cfg: Any, data: Any) -> tuple[Any, ...]:
+    """lop-jax's step of stacked runs as its loop dispatches it, for run index 0 in the first task:
+    ``(step, state, images, epoch, lr, batches, numbers)``, the last two one epoch's plan."""
+    import jax
+    import numpy as np
+
+    from lop_jax.run_axis import stack_states
+    from lop_jax.train import class_order_for, epoch_plan, init_state, make_step_of_runs, task_data
+
+    n_active = cfg.active_classes(0)
+    state = stack_states([init_state(cfg, 0)])
+    images = task_data(jax.device_put(data.train), stack_states([class_order_for(0, data.num_classes)]), n_active)
+    epoch, lr = jax.device_put(np.int32(0)), jax.device_put(np.float32(cfg.stepsize))
+    batches, numbers = epoch_plan(state.key, epoch, n_active * data.train.shape[1], cfg.train_batch_size)
+    return make_step_of_runs(cfg), state, images, epoch, lr, batches, numbers
+
+
 def build_runners(cfg: Any, data: Any, steps_per_round: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The two sides' rounds of steps (each a callable doing ``steps_per_round`` steps and waiting
     for them), warmed up, and what describes them."""
@@ -33,16 +50,10 @@ def build_runners(cfg: Any, data: Any, steps_per_round: int) -> tuple[dict[str, 
     import torch
 
     from benchmarks import torch_twin
-    from lop_jax.run_axis import stack_states
-    from lop_jax.train import class_order_for, epoch_plan, init_state, make_step_of_runs, task_data
+    from lop_jax.train import class_order_for
 
-    n_active = cfg.active_classes(0)
-    order = class_order_for(0, data.num_classes)
-    state = stack_states([init_state(cfg, 0)])
-    images = task_data(jax.device_put(data.train), stack_states([order]), n_active)
-    step = make_step_of_runs(cfg)
-    epoch, lr = jax.device_put(np.int32(0)), jax.device_put(np.float32(cfg.stepsize))
-    batches, numbers = epoch_plan(state.key, epoch, n_active * data.train.shape[1], cfg.train_batch_size)
+    step, state, images, epoch, lr, batches, numbers = first_task_step(cfg, data)
+    n_active, order = cfg.active_classes(0), class_order_for(0, data.num_classes)
     jax_side = {"state": state, "next": 0}
 
     def lop_jax_round() -> None:
