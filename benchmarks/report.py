@@ -27,7 +27,9 @@ PROTOCOL_FILES = {"cold": "protocol_cold.json", "warm": "protocol_warm.json"}
 PROFILE_FILES = {"cold": "profile_cold.json", "warm": "profile_warm.json"}
 BEFORE_AFTER_FILE = "before_after.json"
 FIDELITY_FILE = "fidelity.json"
-ALL_FILES = (*STEP_FILES, *PROTOCOL_FILES.values(), *PROFILE_FILES.values(), BEFORE_AFTER_FILE, FIDELITY_FILE)
+LAYER_FILES = ("layers64.json", "layers8.json")
+ALL_FILES = (*STEP_FILES, *PROTOCOL_FILES.values(), *PROFILE_FILES.values(), BEFORE_AFTER_FILE, FIDELITY_FILE,
+             *LAYER_FILES)
 BEFORE_AFTER_LABELS = {"before": "before (commit 29ef8cb, no cache)", "after_cold": "after, empty cache",
                        "after_warm": "after, cache filled by an earlier run of the config"}
 RECORDED_NAMES = {"epoch_runtime": "training epochs", "test_evaluation_runtime": "test evaluation",
@@ -187,6 +189,38 @@ def before_after_table(root: Path) -> str | None:
     return "\n".join(lines)
 
 
+def _pair(seconds: dict[str, float]) -> str:
+    """'lop-jax / PyTorch ms (ratio)' of one pass."""
+    return (f"{1e3 * seconds['lop_jax']:.1f} / {1e3 * seconds['torch']:.1f} "
+            f"(**{seconds['lop_jax'] / seconds['torch']:.2f}**)")
+
+
+def layers_table(root: Path) -> str | None:
+    """Every distinct convolution of the network, both sides: medians, ratios, cores kept busy; and
+    the network's convolutions in all (each shape × its count)."""
+    loaded = _load_all(root, LAYER_FILES)
+    if loaded is None:
+        return None
+    lines = ["| width, batch | input | channels | kernel, stride | count | lop-jax kernel gradient "
+             "| forward ms, lop-jax / PyTorch | forward + backward ms, lop-jax / PyTorch "
+             "| cores busy (forward + backward), lop-jax / PyTorch |",
+             "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    for got in loaded:
+        where = f"{got['network_width']}, {got['batch']}"
+        for row in got["layers"]:
+            busy = row["forward_backward"]["cpu_over_wall"]
+            lines.append(f"| {where} | {row['size']}×{row['size']} | {row['ci']}→{row['co']} "
+                         f"| {row['kernel']}×{row['kernel']}, {row['stride']} | {len(row['layers'])} "
+                         f"| {'tap sum' if row['kernel_grad'] == 'slices' else 'XLA'} "
+                         f"| {_pair(row['forward']['seconds'])} | {_pair(row['forward_backward']['seconds'])} "
+                         f"| {busy['lop_jax']:.1f} / {busy['torch']:.1f} |")
+        total = got["totals"]
+        count = sum(len(row["layers"]) for row in got["layers"])
+        lines.append(f"| {where} | **all {count} convolutions** | | | | "
+                     f"| {_pair(total['forward']['seconds'])} | {_pair(total['forward_backward']['seconds'])} | |")
+    return "\n".join(lines)
+
+
 def summary_table(root: Path) -> str | None:
     """The README's four ratios: the step at both widths, the protocol with both caches."""
     loaded = _load_all(root, (*STEP_FILES, *PROTOCOL_FILES.values()))
@@ -208,13 +242,14 @@ def summary_table(root: Path) -> str | None:
 BUILDERS = {"speed: device": device_table, "speed: step": step_table, "speed: protocol": protocol_table,
             "speed: recorded seconds": recorded_table, "speed: fidelity": fidelity_table,
             "speed: profile": profile_table, "speed: before after": before_after_table,
-            "speed: summary": summary_table}
+            "speed: summary": summary_table, "speed: layers": layers_table}
 
 JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE,),
            "speed: summary": (*STEP_FILES, *PROTOCOL_FILES.values()),
            "speed: step": STEP_FILES, "speed: protocol": tuple(PROTOCOL_FILES.values()),
            "speed: recorded seconds": tuple(PROTOCOL_FILES.values()),
-           "speed: fidelity": (FIDELITY_FILE,), "speed: profile": tuple(PROFILE_FILES.values())}
+           "speed: fidelity": (FIDELITY_FILE,), "speed: profile": tuple(PROFILE_FILES.values()),
+           "speed: layers": LAYER_FILES}
 
 
 def tables(root: Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ REPO = Path(__file__).parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is run from the checkout, not installed with the package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import fidelity, op_profile, profile_run, protocol, report, timing  # noqa: E402
+from benchmarks import fidelity, layers, op_profile, profile_run, protocol, report, timing  # noqa: E402
 from lop_jax import cli, doc_markers  # noqa: E402
 
 
@@ -260,6 +260,107 @@ def test_the_step_table_is_the_jsons_ratio_of_medians(tmp_path):
             "ratio_lop_jax_over_torch": 1.5}))
     table = report.step_table(root)
     assert "| 64 | 90 | 3 × 2 | 3.000 (2.000–4.000) | 2.000 (1.000–9.000) | 30 | 45 | **1.50** |" in table
+
+
+# ---- the convolutions layer by layer -----------------------------------------------------------
+def _model_convolutions(width: int) -> list[tuple[str, int, int, int, int, int]]:
+    """(path, input size, ci, co, kernel, stride) of every convolution lop-jax's model calls."""
+    import flax.linen as nn
+    import jax
+
+    from lop_jax.model import ResNet18
+
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            m, x = context.module, args[0]
+            seen.append((".".join(m.scope.path), x.shape[1], x.shape[-1], m.features, m.kernel_size[0],
+                         m.strides[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        ResNet18(width=width).init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)), train=False)
+    return seen
+
+
+@pytest.mark.parametrize("width", [4, 8])
+def test_the_layer_benchmark_lists_every_convolution_the_model_calls(width):
+    listed = [(name, g["size"], g["ci"], g["co"], g["kernel"], g["stride"])
+              for g in layers.conv_layers(width) for name in g["layers"]]
+    assert sorted(listed) == sorted(_model_convolutions(width))
+    shapes = [(g["size"], g["ci"], g["co"], g["kernel"], g["stride"]) for g in layers.conv_layers(width)]
+    assert len(shapes) == len(set(shapes)) == 11  # grouped: each shape once
+    stem = layers.conv_layers(width)[0]
+    assert layers.forward_flops(stem, 2) == 2 * 2 * 32 * 32 * 9 * 3 * width
+
+
+def _fake_layer_times(jax_walls, torch_walls, cpu_factor=(1.0, 2.0)):
+    return {pass_name: {"lop_jax": [{"wall": w * k, "cpu": w * k * cpu_factor[0]} for w in jax_walls],
+                        "torch": [{"wall": w * k, "cpu": w * k * cpu_factor[1]} for w in torch_walls]}
+            for pass_name, k in (("forward", 1.0), ("forward_backward", 3.0))}
+
+
+def test_the_layer_figures_are_medians_and_the_total_weighs_each_shape_by_its_count():
+    stem, wide = layers.conv_layers(8)[:2]
+    rows = []
+    for layer, (jw, tw) in ((stem, ([0.001, 0.003, 0.002], [0.001, 0.001, 0.005])),
+                            (wide, ([0.004, 0.006, 0.005], [0.002, 0.0025, 0.01]))):
+        rows.append({**layer, **layers.summarise(_fake_layer_times(jw, tw), layer, 50)})
+    f = rows[0]["forward"]
+    assert f["seconds"] == {"lop_jax": 0.002, "torch": 0.001} and f["ratio_lop_jax_over_torch"] == 2.0
+    assert f["cpu_over_wall"] == {"lop_jax": 1.0, "torch": 2.0}
+    assert f["gflops_per_second"]["lop_jax"] == pytest.approx(layers.forward_flops(stem, 50) / 0.002 / 1e9)
+    assert "gflops_per_second" not in rows[0]["forward_backward"]
+    assert len(wide["layers"]) == 4
+    tot = layers.totals(rows)
+    assert tot["forward"]["seconds"]["lop_jax"] == pytest.approx(0.002 + 4 * 0.005)
+    assert tot["forward_backward"]["seconds"]["torch"] == pytest.approx(3 * (0.001 + 4 * 0.0025))
+    assert tot["forward"]["ratio_lop_jax_over_torch"] == pytest.approx(0.022 / 0.011)
+
+
+def test_a_round_of_calls_lasts_at_least_the_minimum():
+    assert layers.calls_per_round(0.3, 0.05) == 1
+    assert layers.calls_per_round(0.001, 0.05) == 50
+    assert layers.calls_per_round(0.0003, 0.05) * 0.0003 >= 0.05
+    with pytest.raises(ValueError, match="took"):
+        layers.calls_per_round(0.0, 0.05)
+
+
+def test_the_layers_table_is_the_jsons_medians_and_totals(tmp_path):
+    root = tmp_path / "speed"
+    root.mkdir()
+    for width, name in zip((64, 8), report.LAYER_FILES, strict=True):
+        rows = [{**layer, "kernel_grad": "xla",
+                 **layers.summarise(_fake_layer_times([0.002] * 3, [0.001] * 3), layer, 90)}
+                for layer in layers.conv_layers(width)]
+        (root / name).write_text(json.dumps({"network_width": width, "batch": 90, "layers": rows,
+                                             "totals": layers.totals(rows)}))
+    lines = report.layers_table(root).splitlines()
+    assert "| 64, 90 | 32×32 | 64→64 | 3×3, 1 | 4 | XLA | 2.0 / 1.0 (**2.00**) | 6.0 / 3.0 (**2.00**) | 1.0 / 2.0 |" \
+        in lines
+    assert "| 8, 90 | **all 20 convolutions** | | | | | 40.0 / 20.0 (**2.00**) | 120.0 / 60.0 (**2.00**) | |" in lines
+
+
+def test_the_layer_benchmark_times_the_same_convolution_on_both_sides():
+    """Both sides of every shape compute the same output and the same gradients from the same numbers
+    (the input's gradient too, except for the stem, whose input is the data)."""
+    _torch()
+    for layer in layers.conv_layers(4):
+        data = layers.inputs(layer, 2, seed=0)
+        jax_runs, grad = layers.lop_jax_side(layer, data)
+        torch_runs = layers.torch_side(layer, data)
+        assert grad in ("slices", "xla")
+        y, grads = jax_runs["forward_backward"]()
+        y_t, grads_t = torch_runs["forward_backward"]()
+        assert len(grads) == len(grads_t) == (1 if layer["layers"] == ["stem_conv"] else 2)
+        np.testing.assert_allclose(np.asarray(y), y_t.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(jax_runs["forward"]()), np.asarray(y))
+        np.testing.assert_allclose(np.asarray(grads[-1]), grads_t[-1].numpy().transpose(2, 3, 1, 0),
+                                   rtol=1e-4, atol=1e-3)
+        if len(grads) == 2:
+            np.testing.assert_allclose(np.asarray(grads[0]), grads_t[0].numpy().transpose(0, 2, 3, 1),
+                                       rtol=1e-4, atol=1e-4)
 
 
 def test_the_fidelity_table_pairs_the_seeds(tmp_path):
