@@ -221,6 +221,32 @@ def layers_table(root: Path) -> str | None:
     return "\n".join(lines)
 
 
+def step_split_table(root: Path) -> str | None:
+    """Per width, each side's train step split into its convolutions (the layer benchmark's total,
+    forward + backward) and the rest (the step's median minus that)."""
+    steps, convs = _load_all(root, STEP_FILES), _load_all(root, LAYER_FILES)
+    if steps is None or convs is None:
+        return None
+    lines = ["| width, batch | side | train step s | its convolutions s | the rest s | convolutions' share |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    by_width = {got["network_width"]: got for got in convs}
+    for step in steps:
+        width = step["network_width"]
+        if width not in by_width:
+            raise ValueError(f"no layer benchmark at width {width} in {root} ({', '.join(LAYER_FILES)})")
+        conv = by_width[width]["totals"]["forward_backward"]["seconds"]
+        rest = {}
+        for side, label in (("lop_jax", "lop-jax"), ("torch", "PyTorch")):
+            total = step["step_seconds"][side]
+            rest[side] = total - conv[side]
+            lines.append(f"| {width}, {step['train_batch_size']} | {label} | {total:.3f} | {conv[side]:.3f} "
+                         f"| {rest[side]:.3f} | {100 * conv[side] / total:.0f} % |")
+        lines.append(f"| {width}, {step['train_batch_size']} | **lop-jax / PyTorch** "
+                     f"| **{step['ratio_lop_jax_over_torch']:.2f}** "
+                     f"| **{conv['lop_jax'] / conv['torch']:.2f}** | **{rest['lop_jax'] / rest['torch']:.2f}** | |")
+    return "\n".join(lines)
+
+
 def summary_table(root: Path) -> str | None:
     """The README's four ratios: the step at both widths, the protocol with both caches."""
     loaded = _load_all(root, (*STEP_FILES, *PROTOCOL_FILES.values()))
@@ -242,14 +268,15 @@ def summary_table(root: Path) -> str | None:
 BUILDERS = {"speed: device": device_table, "speed: step": step_table, "speed: protocol": protocol_table,
             "speed: recorded seconds": recorded_table, "speed: fidelity": fidelity_table,
             "speed: profile": profile_table, "speed: before after": before_after_table,
-            "speed: summary": summary_table, "speed: layers": layers_table}
+            "speed: summary": summary_table, "speed: layers": layers_table,
+            "speed: step split": step_split_table}
 
 JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE,),
            "speed: summary": (*STEP_FILES, *PROTOCOL_FILES.values()),
            "speed: step": STEP_FILES, "speed: protocol": tuple(PROTOCOL_FILES.values()),
            "speed: recorded seconds": tuple(PROTOCOL_FILES.values()),
            "speed: fidelity": (FIDELITY_FILE,), "speed: profile": tuple(PROFILE_FILES.values()),
-           "speed: layers": LAYER_FILES}
+           "speed: layers": LAYER_FILES, "speed: step split": (*STEP_FILES, *LAYER_FILES)}
 
 
 def tables(root: Path) -> dict[str, str]:
