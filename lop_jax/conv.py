@@ -35,8 +35,9 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-CONV_GRAD_MODES = ("auto", "xla", "slices")
+CONV_GRAD_MODES = ("auto", "xla", "slices", "eigen")
 KERNEL_GRADS = ("slices", "xla")
+INPUT_GRADS = ("xla", "taps")
 # In "auto" mode, stride-1 convolutions with fewer than this many (Ci × Co) kernel entries keep
 # XLA's kernel gradient, which is as fast as the tap sum there; from 32→32 channels on the tap sum
 # wins. Strided and 1×1 convolutions always use the tap sum, which won at every width measured
@@ -60,6 +61,7 @@ class _Spec(NamedTuple):
     padding: Padding
     precision: Any
     kernel_grad: str
+    input_grad: str = "xla"
 
 
 def resolve_conv_grad(mode: str) -> str:
@@ -110,6 +112,33 @@ def kernel_grad_slices(x: jax.Array, dy: jax.Array, kernel_hw: Sequence[int], st
     return g.reshape(kh, kw, ci, co).astype(x.dtype)
 
 
+def input_grad_taps(w: jax.Array, dy: jax.Array, input_shape: Sequence[int], strides: tuple[int, int],
+                    padding: Padding, precision: Any = None) -> jax.Array:
+    """Input gradient [B, H, W, Ci] of the NHWC/HWIO convolution, as one matmul per kernel tap.
+
+    For tap (i, j) the output cotangent [B·Ho·Wo, Co] times the tap's kernel transposed [Co, Ci]
+    lands, spread by the stride, where that tap read the padded input; the taps' products are
+    summed in float32 and the padding cut off. For strided convolutions on XLA's Eigen path this
+    is several times faster than XLA's own (a dilated convolution).
+    """
+    kh, kw = w.shape[:2]
+    b, h, wd, ci = input_shape
+    _, ho, wo, co = dy.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    hp, wp = h + pt + pb, wd + pl + pr
+    d2 = dy.reshape(b * ho * wo, co)
+    zero = jnp.zeros((), jnp.float32)
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            g = jnp.dot(d2, w[i, j].T, precision=precision, preferred_element_type=jnp.float32)
+            g = lax.pad(g.reshape(b, ho, wo, ci), zero,
+                        ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1), (j, wp - j - (wo - 1) * sw - 1, sw - 1),
+                         (0, 0, 0)))
+            acc = g if acc is None else acc + g
+    return acc[:, pt:pt + h, pl:pl + wd, :].astype(dy.dtype)
+
+
 def _per_run(fn: Callable, plain: Callable, axis_size: int, in_batched: Sequence[bool], *args: jax.Array):
     """Batching rule body: ``fn`` once per run (unrolled), or XLA's own batching of ``plain`` past the cap."""
     if axis_size > MAX_UNROLLED_RUNS:
@@ -129,13 +158,16 @@ def _unfold(y: jax.Array, runs: int) -> jax.Array:
 @cache
 def _ops(spec: _Spec) -> tuple[Callable, Callable, Callable]:
     """(forward, input gradient, kernel gradient) of one convolution spec, each with its vmap rule."""
-    strides, padding, precision, kernel_grad = spec
+    strides, padding, precision, kernel_grad, input_grad_mode = spec
 
     def conv_plain(x, w):
         return _plain_conv(x, w, strides, padding, precision)
 
     def input_grad_plain(x, w, dy):
-        # the transpose of the (linear in x) convolution: XLA's own input gradient; x gives the shape only
+        # x gives the shape only
+        if input_grad_mode == "taps":
+            return input_grad_taps(w, dy, x.shape, strides, padding, precision).astype(x.dtype)
+        # the transpose of the (linear in x) convolution: XLA's own input gradient
         return jax.linear_transpose(lambda x_: conv_plain(x_, w), x)(dy)[0]
 
     def kernel_grad_plain(x, w, dy):
@@ -183,15 +215,18 @@ _conv_custom.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
 def conv_slices(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Padding, precision: Any = None,
-                kernel_grad: str = "slices") -> jax.Array:
+                kernel_grad: str = "slices", input_grad: str = "xla") -> jax.Array:
     """NHWC/HWIO convolution (explicit padding, no dilation) with the custom gradient and vmap rules.
 
-    ``kernel_grad``: ``slices`` (the tap sum, :func:`kernel_grad_slices`) or ``xla`` (XLA's own).
+    ``kernel_grad``: ``slices`` (the tap sum, :func:`kernel_grad_slices`) or ``xla`` (XLA's own);
+    ``input_grad``: ``xla`` (XLA's own) or ``taps`` (:func:`input_grad_taps`).
     """
     if kernel_grad not in KERNEL_GRADS:
         raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}")
+    if input_grad not in INPUT_GRADS:
+        raise ValueError(f"input_grad must be one of {INPUT_GRADS}, got {input_grad!r}")
     spec = _Spec(tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding), precision,
-                 kernel_grad)
+                 kernel_grad, input_grad)
     return _conv_custom(x, w, spec)
 
 
@@ -211,13 +246,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision: Any = None, preferred_element_type: Any = None, *,
-                         only_where_faster: bool = False) -> jax.Array:
+                         only_where_faster: bool = False, eigen: bool = False) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` that uses :func:`conv_slices` where it applies.
 
     It applies to 4-D NHWC/HWIO convolutions with explicit padding, no dilation and one group;
     anything else goes to ``lax.conv_general_dilated`` unchanged. The kernel gradient is the tap
     sum, or with ``only_where_faster`` the tap sum for the layers of :func:`slices_pay_off` and
-    XLA's own for the others (the custom vmap rule applies to all of them).
+    XLA's own for the others (the custom vmap rule applies to all of them). With ``eigen`` (the
+    ``eigen`` mode of :func:`conv_fn`) the kernel gradient is XLA's own and the input gradient of
+    a strided convolution the tap sum :func:`input_grad_taps`.
     """
     pad = _explicit_padding(padding)
     supported = (
@@ -232,11 +269,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count, precision,
                                         preferred_element_type)
+    if eigen:
+        strided = any(int(st) != 1 for st in window_strides)
+        return conv_slices(lhs, rhs, window_strides, pad, precision, "xla", "taps" if strided else "xla")
     kernel_grad = "slices" if not only_where_faster or slices_pay_off(rhs.shape, window_strides) else "xla"
     return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad)
 
 
 _conv_where_faster = partial(conv_general_dilated, only_where_faster=True)
+_conv_eigen = partial(conv_general_dilated, eigen=True)
 
 
 def conv_fn(conv_grad: str) -> Callable[..., jax.Array]:
@@ -247,4 +288,6 @@ def conv_fn(conv_grad: str) -> Callable[..., jax.Array]:
     mode = resolve_conv_grad(conv_grad)
     if mode == "xla":
         return lax.conv_general_dilated
+    if mode == "eigen":
+        return _conv_eigen
     return _conv_where_faster if conv_grad == "auto" else conv_general_dilated

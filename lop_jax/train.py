@@ -56,9 +56,28 @@ class TrainState:
     key: jax.Array  # the run's root key (raw uint32[2])
 
 
+# XLA's CPU library fusions under ``cpu_kernels: "eigen"``: YNNPACK keeps the matrix products and
+# the reductions, the convolutions go to XLA's Eigen path (measured: docs/speed_vs_pytorch.md)
+EIGEN_YNN_FUSIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
+def uses_eigen(cfg: Config) -> bool:
+    """Whether the config's programs take the ``eigen`` CPU kernels (``cpu_kernels``, CPU backend only)."""
+    return cfg.cpu_kernels == "eigen" and jax.default_backend() == "cpu"
+
+
+def compiler_options(cfg: Config) -> dict[str, str] | None:
+    """The per-program XLA options of the config's jitted functions: under ``cpu_kernels:
+    "eigen"`` on the CPU, convolutions left out of XLA's YNNPACK fusions; otherwise none."""
+    return {"xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS} if uses_eigen(cfg) else None
+
+
 def make_model(cfg: Config, conv_grad: str = "auto") -> ResNet18:
     """The config's ResNet-18. ``conv_grad`` (``lop_jax.conv``) is only set to analyse on the CPU
-    the program an accelerator compiles (``"xla"``); runs keep ``"auto"``."""
+    the program an accelerator compiles (``"xla"``); runs keep ``"auto"``, which under
+    ``cpu_kernels: "eigen"`` on the CPU is the ``eigen`` mode."""
+    if conv_grad == "auto" and uses_eigen(cfg):
+        conv_grad = "eigen"
     dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
     return ResNet18(width=cfg.network_width, num_outputs=NUM_OUTPUTS, dtype=dtype, activation=cfg.activation,
                     conv_grad=conv_grad)
@@ -261,7 +280,8 @@ def make_step_of_runs(cfg: Config, method: plasticity.PlasticityMethod | None = 
     jitted, the state donated on accelerators. ``method`` and ``conv_grad`` as in
     ``make_train_step``."""
     run_step = _keyed(make_train_step(cfg, method, conv_grad))
-    return jax.jit(jax.vmap(run_step, in_axes=(0, RUN_AXES, 0, None, None, None)), donate_argnums=_donate())
+    return jax.jit(jax.vmap(run_step, in_axes=(0, RUN_AXES, 0, None, None, None)), donate_argnums=_donate(),
+                   compiler_options=compiler_options(cfg))
 
 
 def make_train_epoch(cfg: Config) -> Callable:
@@ -290,7 +310,8 @@ def make_train_epoch(cfg: Config) -> Callable:
             st, (losses, accs, metrics) = jax.lax.scan(body, st, jnp.arange(batches.shape[0]))
             return st, losses, accs, reduce_metrics(method, metrics, axis=0)
 
-        @partial(jax.jit, static_argnames=("n_active",), donate_argnums=_donate())
+        @partial(jax.jit, static_argnames=("n_active",), donate_argnums=_donate(),
+                 compiler_options=compiler_options(cfg))
         def scan_epoch(state, data, lr, epoch, n_active: int):
             runs = jax.vmap(partial(one_epoch, n_active=n_active), in_axes=(0, RUN_AXES, None, None))
             return runs(state, data, lr, epoch)
@@ -349,7 +370,8 @@ def make_eval_batch_of_runs(cfg: Config, augment_images: bool, conv_grad: str = 
     batch_stats, data, idx [batch], weights [batch], key [S, 2], b) → (loss [S], accuracy [S])``,
     jitted. ``conv_grad`` as in ``make_model``."""
     batch_metrics = _batch_metrics(make_model(cfg, conv_grad), augment_images)
-    return jax.jit(jax.vmap(batch_metrics, in_axes=(0, 0, RUN_AXES, None, None, 0, None)))
+    return jax.jit(jax.vmap(batch_metrics, in_axes=(0, 0, RUN_AXES, None, None, 0, None)),
+                   compiler_options=compiler_options(cfg))
 
 
 def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
@@ -370,7 +392,7 @@ def make_evaluate(cfg: Config, batch: int, augment_images: bool) -> Callable:
             _, (losses, accs) = jax.lax.scan(body, None, (idx, weights, jnp.arange(idx.shape[0])))
             return jnp.mean(losses), jnp.mean(accs)
 
-        @partial(jax.jit, static_argnames=("n_active",))
+        @partial(jax.jit, static_argnames=("n_active",), compiler_options=compiler_options(cfg))
         def evaluate(params, batch_stats, data, key, n_active: int):
             runs = jax.vmap(partial(one_run, n_active=n_active), in_axes=(0, 0, RUN_AXES, 0))
             return runs(params, batch_stats, data, key)

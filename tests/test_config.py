@@ -195,6 +195,13 @@ def test_override_types_are_checked_like_file_values():
         load_config(None, {key: value})
 
 
+def test_cpu_kernels_is_checked():
+    assert make_config({}).cpu_kernels == "default"
+    assert make_config({"cpu_kernels": "eigen"}).cpu_kernels == "eigen"
+    with pytest.raises(ConfigError, match="cpu_kernels"):
+        make_config({"cpu_kernels": "onednn"})
+
+
 def test_stepsize_schedule_paper():
     cfg = make_config({})
     expected = {0: 0.1, 59: 0.1, 60: 0.02, 119: 0.02, 120: 0.004, 159: 0.004, 160: 0.0008, 199: 0.0008,

@@ -16,14 +16,17 @@ import pytest
 from lop_jax.config import make_config
 from lop_jax.run_axis import stack_states, unstack_state
 from lop_jax.train import (
+    EIGEN_YNN_FUSIONS,
     TrainState,
     active_mask,
     class_order_for,
+    compiler_options,
     end_task,
     init_state,
     make_evaluate,
     make_model,
     make_optimizer,
+    make_step_of_runs,
     make_train_epoch,
     masked_loss_and_accuracy,
     resolve_epoch_mode,
@@ -245,6 +248,41 @@ def test_scan_and_loop_epochs_agree(tiny):
         a = make_evaluate(cfg, 4, augment_images)(*args, n_active=2)
         b = make_evaluate(CFG, 4, augment_images)(*args, n_active=2)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+
+
+def _library_convolutions(compiled_text):
+    """How many of a compiled program's YNNPACK fusions compute a convolution."""
+    bodies = compiled_text.split("\n\n")
+    ynn_convs = {b.split(" ", 1)[0].lstrip("%") for b in bodies if " convolution(" in b and b.startswith("%")}
+    return sum(1 for line in compiled_text.splitlines()
+               if '"__ynn_fusion"' in line and any(f"calls=%{name}," in line for name in ynn_convs))
+
+
+def test_eigen_cpu_kernels_train_like_the_default_and_leave_convolutions_to_eigen(tiny):
+    """``cpu_kernels: "eigen"``: the same epoch within float32 rounding, deterministic, and no
+    convolution in XLA's YNNPACK fusions (the default keeps them there)."""
+    cfg = dataclasses.replace(CFG, cpu_kernels="eigen")
+    args = (tiny["state"], tiny["data"], jnp.float32(0.05), jnp.int32(0))
+    epoch = make_train_epoch(cfg)
+    s1, losses, accs, _ = epoch(*args, n_active=2)
+    s2, losses2, _, _ = epoch(*args, n_active=2)
+    assert _tree_equal((s1.params, s1.batch_stats), (s2.params, s2.batch_stats))
+    np.testing.assert_array_equal(np.asarray(losses), np.asarray(losses2))
+    np.testing.assert_allclose(np.asarray(losses)[0], tiny["losses"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(accs)[0], tiny["accs"])
+    for x, y in zip(jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
+                    jax.tree_util.tree_leaves((tiny["after"].params, tiny["after"].batch_stats)), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    # at width 2 XLA keeps every convolution out of YNNPACK anyway: compile a width-8 step
+    wide = dataclasses.replace(CFG, network_width=8)
+    step_args = (stack_states([init_state(wide, 0)]), tiny["data"], jnp.zeros((1, 8), jnp.int32), jnp.int32(0),
+                 jnp.int32(0), jnp.float32(0.05))
+    texts = {name: make_step_of_runs(c).lower(*step_args).compile().as_text()
+             for name, c in (("default", wide), ("eigen", dataclasses.replace(wide, cpu_kernels="eigen")))}
+    assert _library_convolutions(texts["eigen"]) == 0
+    assert _library_convolutions(texts["default"]) > 0  # else this test no longer tells the two apart
+    assert compiler_options(CFG) is None
+    assert compiler_options(cfg) == {"xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS}
 
 
 def test_epoch_with_buffer_donation_runs_from_a_fresh_state(monkeypatch, tiny):
