@@ -28,8 +28,15 @@ PROFILE_FILES = {"cold": "profile_cold.json", "warm": "profile_warm.json"}
 BEFORE_AFTER_FILE = "before_after.json"
 FIDELITY_FILE = "fidelity.json"
 LAYER_FILES = ("layers64.json", "layers8.json")
-ALL_FILES = (*STEP_FILES, *PROTOCOL_FILES.values(), *PROFILE_FILES.values(), BEFORE_AFTER_FILE, FIDELITY_FILE,
-             *LAYER_FILES)
+# lop-jax's CPU kernels (the config's cpu_kernels, and XLA's multi-output fusion set in XLA_FLAGS):
+# each benchmark's files, the default's first
+KERNEL_VARIANTS = {"default": "", "eigen": "_eigen", "eigen + multi-output fusion": "_eigen_mof"}
+KERNEL_BENCHMARKS = {"train step, width 64, batch 90": "step64", "train step, width 8, batch 50": "step8",
+                     "whole laptop-size protocol, cache warm": "protocol_warm"}
+KERNEL_FILES = tuple(f"{stem}{suffix}.json" for stem in KERNEL_BENCHMARKS.values()
+                     for suffix in KERNEL_VARIANTS.values())
+ALL_FILES = tuple(dict.fromkeys((*STEP_FILES, *PROTOCOL_FILES.values(), *PROFILE_FILES.values(), BEFORE_AFTER_FILE,
+                                 FIDELITY_FILE, *LAYER_FILES, *KERNEL_FILES)))
 BEFORE_AFTER_LABELS = {"before": "before (commit 29ef8cb, no cache)", "after_cold": "after, empty cache",
                        "after_warm": "after, cache filled by an earlier run of the config"}
 RECORDED_NAMES = {"epoch_runtime": "training epochs", "test_evaluation_runtime": "test evaluation",
@@ -247,6 +254,35 @@ def step_split_table(root: Path) -> str | None:
     return "\n".join(lines)
 
 
+def kernels_table(root: Path) -> str | None:
+    """Each benchmark under lop-jax's default CPU kernels and the Eigen ones, against PyTorch."""
+    loaded = _load_all(root, KERNEL_FILES)
+    if loaded is None:
+        return None
+    got = dict(zip(KERNEL_FILES, loaded, strict=True))
+    rows = []
+    for label, stem in KERNEL_BENCHMARKS.items():
+        base = None
+        for variant, suffix in KERNEL_VARIANTS.items():
+            g = got[f"{stem}{suffix}.json"]
+            if "step_seconds" in g:
+                ours, theirs, ratio = g["step_seconds"]["lop_jax"], g["step_seconds"]["torch"], g[
+                    "ratio_lop_jax_over_torch"]
+                cells = f"{ours:.3f} s/step | {theirs:.3f} s/step"
+            else:
+                ours, theirs = g["medians"]["lop_jax"]["wall"], g["medians"]["torch"]["wall"]
+                ratio = g["ratio_wall_lop_jax_over_torch"]
+                cells = f"{ours:.1f} s | {theirs:.1f} s"
+            base = ratio if base is None else base
+            flags = g["device"].get("xla_flags", "")
+            rows.append(f"| {label} | {variant} | {f'`{flags}`' if flags else 'none'} | {cells} | **{ratio:.2f}** "
+                        f"| {ratio / base:.2f} |")
+    return "\n".join([
+        "| benchmark | lop-jax's CPU kernels | XLA_FLAGS | lop-jax | PyTorch | **lop-jax / PyTorch** "
+        "| that ratio over the default's |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |", *rows])
+
+
 def summary_table(root: Path) -> str | None:
     """The README's four ratios: the step at both widths, the protocol with both caches."""
     loaded = _load_all(root, (*STEP_FILES, *PROTOCOL_FILES.values()))
@@ -269,14 +305,15 @@ BUILDERS = {"speed: device": device_table, "speed: step": step_table, "speed: pr
             "speed: recorded seconds": recorded_table, "speed: fidelity": fidelity_table,
             "speed: profile": profile_table, "speed: before after": before_after_table,
             "speed: summary": summary_table, "speed: layers": layers_table,
-            "speed: step split": step_split_table}
+            "speed: step split": step_split_table, "speed: cpu kernels": kernels_table}
 
 JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE,),
            "speed: summary": (*STEP_FILES, *PROTOCOL_FILES.values()),
            "speed: step": STEP_FILES, "speed: protocol": tuple(PROTOCOL_FILES.values()),
            "speed: recorded seconds": tuple(PROTOCOL_FILES.values()),
            "speed: fidelity": (FIDELITY_FILE,), "speed: profile": tuple(PROFILE_FILES.values()),
-           "speed: layers": LAYER_FILES, "speed: step split": (*STEP_FILES, *LAYER_FILES)}
+           "speed: layers": LAYER_FILES, "speed: step split": (*STEP_FILES, *LAYER_FILES),
+           "speed: cpu kernels": KERNEL_FILES}
 
 
 def tables(root: Path) -> dict[str, str]:

@@ -72,14 +72,15 @@ def cpu_model() -> str:
 
 
 def device_description() -> dict[str, Any]:
-    """The machine a measurement ran on: CPU model, cores usable, load averages at the time."""
+    """The machine a measurement ran on: CPU model, cores usable, load averages at the time, and the
+    process's ``XLA_FLAGS`` (process-wide XLA options change what the CPU runs)."""
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = []
     return {"cpu": cpu_model(), "machine": platform.machine(), "system": platform.system(),
             "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "load_average_1_5_15_min": load}
+            "load_average_1_5_15_min": load, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def pin_cpus(count: int) -> list[int]:
