@@ -17,6 +17,11 @@ docs/performance_notes.md). :func:`conv_general_dilated` is a drop-in for
 * batching rule (``vmap``) runs one convolution per run when the kernel is batched (for up to
   :data:`MAX_UNROLLED_RUNS` runs) and folds the run axis into the batch when it is not.
 
+The ``eigen`` mode (``cpu_kernels: "eigen"`` in a config, which also moves the convolutions out of
+XLA's YNNPACK fusions onto its Eigen path) keeps XLA's kernel gradient, which is the faster one
+there, and computes the input gradient of a strided convolution as a sum over kernel taps
+(:func:`input_grad_taps`), where XLA's own is a slow dilated convolution.
+
 Supported: NHWC input, HWIO kernel, explicit padding, any stride, no dilation, one feature group
 (everything else goes to ``lax.conv_general_dilated``). Reverse-mode only (``jax.grad``/``vjp``,
 not ``jvp``); works under ``jax.jit`` and ``jax.vmap``. :func:`conv_fn` picks the function for a
@@ -282,7 +287,8 @@ _conv_eigen = partial(conv_general_dilated, eigen=True)
 
 def conv_fn(conv_grad: str) -> Callable[..., jax.Array]:
     """The ``conv_general_dilated`` for a ``conv_grad`` setting: ``xla`` → ``lax.conv_general_dilated``;
-    ``slices`` → the tap-sum kernel gradient for every supported convolution; ``auto`` → on the CPU
+    ``slices`` → the tap-sum kernel gradient for every supported convolution; ``eigen`` → XLA's
+    kernel gradient and, for strided convolutions, the tap-sum input gradient; ``auto`` → on the CPU
     backend the tap sum where it pays off (:func:`slices_pay_off`) and XLA's kernel gradient
     elsewhere, both with the per-run vmap rule; on other backends ``lax.conv_general_dilated``."""
     mode = resolve_conv_grad(conv_grad)

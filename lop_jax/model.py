@@ -131,8 +131,10 @@ class ResNet18(nn.Module):
     kernel gradients are computed (``lop_jax.conv``): ``auto`` (default: on the CPU backend, where
     XLA's own kernel gradient is several times slower than the forward pass, the tap-sum matmuls for the
     layers where they are faster, and one convolution per run under ``vmap``; plain XLA convolutions
-    on other backends), ``xla`` or ``slices`` (every conv). Parameters are the same in every mode, and
-    so are outputs and input gradients bit for bit (under ``vmap``: equal to the per-run results).
+    on other backends), ``xla``, ``slices`` (every conv) or ``eigen`` (XLA's kernel gradients, the
+    tap-sum input gradient for strided convs: ``cpu_kernels: "eigen"``). Parameters are the same in
+    every mode; outputs are the same bit for bit, and so are input gradients except under ``eigen``
+    (under ``vmap``: equal to the per-run results).
 
     ``activation`` 'crelu' replaces every ReLU by a concatenated ReLU (``crelu``); each conv then
     produces half the channels, so every feature map and the head keep the same width, and an

@@ -72,7 +72,14 @@ def test_the_ratio_is_of_the_medians_not_of_the_means():
 def test_the_device_is_named():
     dev = timing.device_description()
     assert dev["cpu"] and dev["machine"] and dev["cores_usable"] >= 1
-    assert set(dev) == {"cpu", "machine", "system", "cores_usable", "load_average_1_5_15_min"}
+    assert set(dev) == {"cpu", "machine", "system", "cores_usable", "load_average_1_5_15_min", "xla_flags"}
+
+
+def test_the_device_records_the_xla_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion")
+    assert timing.device_description()["xla_flags"] == "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert timing.device_description()["xla_flags"] == ""
 
 
 # ---- the whole-process runner, with fake processes -----------------------------------------------
@@ -260,6 +267,31 @@ def test_the_step_table_is_the_jsons_ratio_of_medians(tmp_path):
             "ratio_lop_jax_over_torch": 1.5}))
     table = report.step_table(root)
     assert "| 64 | 90 | 3 × 2 | 3.000 (2.000–4.000) | 2.000 (1.000–9.000) | 30 | 45 | **1.50** |" in table
+
+
+def test_the_cpu_kernels_table_gives_each_variants_ratio_and_its_ratio_to_the_default(tmp_path):
+    root = tmp_path / "speed"
+    root.mkdir()
+    ours = {"": 3.0, "_eigen": 2.4, "_eigen_mof": 2.1}
+    for stem in report.KERNEL_BENCHMARKS.values():
+        for suffix, seconds in ours.items():
+            flags = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion" if suffix == "_eigen_mof" else ""
+            got = {"device": {"xla_flags": flags}}
+            if stem.startswith("step"):
+                got |= {"step_seconds": {"lop_jax": seconds, "torch": 2.0}, "ratio_lop_jax_over_torch": seconds / 2.0}
+            else:
+                got |= {"medians": {"lop_jax": {"wall": 10 * seconds}, "torch": {"wall": 20.0}},
+                        "ratio_wall_lop_jax_over_torch": seconds / 2.0}
+            (root / f"{stem}{suffix}.json").write_text(json.dumps(got))
+    table = report.kernels_table(root)
+    assert ("| train step, width 64, batch 90 | default | none | 3.000 s/step | 2.000 s/step | **1.50** "
+            "| 1.00 |") in table
+    assert ("| train step, width 8, batch 50 | eigen + multi-output fusion | "
+            "`--xla_backend_extra_options=xla_cpu_use_multi_output_fusion` | 2.100 s/step | 2.000 s/step | **1.05** "
+            "| 0.70 |") in table
+    assert "| whole laptop-size protocol, cache warm | eigen | none | 24.0 s | 20.0 s | **1.20** | 0.80 |" in table
+    (root / "step8_eigen.json").unlink()
+    assert report.kernels_table(root) is None
 
 
 # ---- the convolutions layer by layer -----------------------------------------------------------
