@@ -10,6 +10,7 @@ import time
 
 from lop_jax import cli, tracking
 from lop_jax.config import ConfigError, load_config, read_config_values
+from lop_jax.cpu_kernels import prepare_process
 from lop_jax.data import find_local_copy, load_data
 from lop_jax.errors import CommandFailed, Interrupted
 
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             raise ConfigError(f"--import {module}: {err}") from None
     cfg = load_config(args.config, overrides)
+    set_flags = prepare_process(cfg)  # before anything starts JAX's backends
+    if set_flags:
+        print(set_flags)
     indices = cli.parse_indices(args.experiment_index)
     if read_config_values(args.config).get("num_workers"):
         print("note: num_workers is accepted for compatibility and has no effect (the data lives on the device)")

@@ -22,7 +22,7 @@ UTILITIES = ("weight", "contribution")
 CBP_VARIANTS = ("reference", "textbook")
 PRECISIONS = ("float32", "bfloat16")
 EPOCH_MODES = ("auto", "scan", "loop")
-CPU_KERNELS = ("default", "eigen")
+CPU_KERNELS = ("default", "eigen", "eigen_fused")
 # Keys that may differ between runs sharing one experiment directory, or between a checkpoint and the
 # run resuming it: where the files are and how often they are written, never what is computed.
 OPERATIONAL_KEYS = ("data_path", "results_dir", "num_workers", "checkpoint_every_epochs", "checkpoints_to_keep")
@@ -214,7 +214,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.checkpoint_every_epochs >= 0, "checkpoint_every_epochs", "must be >= 0 (0: task boundaries only)")
     need(cfg.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
     need(cfg.epoch_mode in EPOCH_MODES, "epoch_mode", "must be 'auto', 'scan' or 'loop'")
-    need(cfg.cpu_kernels in CPU_KERNELS, "cpu_kernels", "must be 'default' or 'eigen'")
+    need(cfg.cpu_kernels in CPU_KERNELS, "cpu_kernels", "must be 'default', 'eigen' or 'eigen_fused'")
     need(cfg.stepsize > 0, "stepsize", "must be > 0")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")

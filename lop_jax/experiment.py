@@ -34,6 +34,7 @@ import numpy as np
 from lop_jax import methods as plasticity
 from lop_jax.checkpoint import Checkpointer, resume
 from lop_jax.config import OPERATIONAL_KEYS, Config, ConfigError
+from lop_jax.cpu_kernels import prepare_process
 from lop_jax.data import CifarData, load_data
 from lop_jax.errors import CommandFailed, Interrupted
 from lop_jax.plan import Plan, make_plan
@@ -86,6 +87,9 @@ def run_experiments(cfg: Config, indices: list[int], data: CifarData | None = No
     visible). Each index keeps its own results, snapshots and checkpoints. ``track`` names live
     trackers (``lop_jax.tracking``: "tensorboard", "wandb"), one tracked run per index."""
     check_available(track)
+    set_flags = prepare_process(cfg)
+    if set_flags:
+        log(set_flags)
     folder = _prepare(cfg, indices, restart, log)
     data = data if data is not None else load_data(cfg)
     if cfg.num_classes > data.num_classes:

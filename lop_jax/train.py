@@ -34,6 +34,7 @@ import optax
 from lop_jax import methods as plasticity
 from lop_jax.augment import augment, normalize
 from lop_jax.config import Config
+from lop_jax.cpu_kernels import compiler_options, uses_eigen
 from lop_jax.methods.registry import factory as method_factory
 from lop_jax.model import NUM_OUTPUTS, ResNet18, init_model
 
@@ -56,26 +57,10 @@ class TrainState:
     key: jax.Array  # the run's root key (raw uint32[2])
 
 
-# XLA's CPU library fusions under ``cpu_kernels: "eigen"``: YNNPACK keeps the matrix products and
-# the reductions, the convolutions go to XLA's Eigen path (measured: docs/speed_vs_pytorch.md)
-EIGEN_YNN_FUSIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-
-
-def uses_eigen(cfg: Config) -> bool:
-    """Whether the config's programs take the ``eigen`` CPU kernels (``cpu_kernels``, CPU backend only)."""
-    return cfg.cpu_kernels == "eigen" and jax.default_backend() == "cpu"
-
-
-def compiler_options(cfg: Config) -> dict[str, str] | None:
-    """The per-program XLA options of the config's jitted functions: under ``cpu_kernels:
-    "eigen"`` on the CPU, convolutions left out of XLA's YNNPACK fusions; otherwise none."""
-    return {"xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS} if uses_eigen(cfg) else None
-
-
 def make_model(cfg: Config, conv_grad: str = "auto") -> ResNet18:
     """The config's ResNet-18. ``conv_grad`` (``lop_jax.conv``) is only set to analyse on the CPU
     the program an accelerator compiles (``"xla"``); runs keep ``"auto"``, which under
-    ``cpu_kernels: "eigen"`` on the CPU is the ``eigen`` mode."""
+    the ``eigen`` CPU kernels (``lop_jax.cpu_kernels``) is the ``eigen`` mode."""
     if conv_grad == "auto" and uses_eigen(cfg):
         conv_grad = "eigen"
     dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32

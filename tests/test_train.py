@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 
 from lop_jax.config import make_config
+from lop_jax.cpu_kernels import EIGEN_YNN_FUSIONS, compiler_options
 from lop_jax.run_axis import stack_states, unstack_state
 from lop_jax.train import (
-    EIGEN_YNN_FUSIONS,
     TrainState,
     active_mask,
     class_order_for,
-    compiler_options,
     end_task,
     init_state,
     make_evaluate,
