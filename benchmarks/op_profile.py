@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps and --top must be at least 1")
     cpus = timing.pin_cpus(args.cpus)
     from lop_jax.config import load_config, parse_override
+    from lop_jax.cpu_kernels import prepare_process
 
     cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
+    prepare_process(cfg)
     with tempfile.TemporaryDirectory() as trace_dir:
         profile = profile_step(cfg, args.steps, args.top, Path(trace_dir))
     out = {"benchmark": "operation profile of the train step", "device": timing.device_description(),

@@ -125,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.cpus)
     from lop_jax.config import load_config, parse_override
+    from lop_jax.cpu_kernels import prepare_process
     from lop_jax.data import load_data
 
     overrides = dict(parse_override(s) for s in args.set)
     if args.data_dir is not None:
         overrides["data_path"] = args.data_dir
     cfg = load_config(args.config, overrides)
+    prepare_process(cfg)  # cpu_kernels 'eigen_fused': XLA_FLAGS before JAX starts (recorded in "device")
     if args.synthetic:
         from experiments.benchmark import synthetic_data
 
