@@ -35,7 +35,10 @@ def uses_eigen(cfg: Config) -> bool:
 
 def compiler_options(cfg: Config) -> dict[str, str] | None:
     """The per-program XLA options of the config's jitted functions: under the ``eigen`` kernels on
-    the CPU, convolutions left out of XLA's YNNPACK fusions; otherwise none."""
+    the CPU, convolutions left out of XLA's YNNPACK fusions; otherwise none. Every program built
+    for a config asks for them, so this is also where ``eigen_fused`` makes sure of its process
+    flag (:func:`prepare_process`): no program compiles with other kernels than its config names."""
+    prepare_process(cfg)
     return {"xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS} if uses_eigen(cfg) else None
 
 

@@ -79,9 +79,13 @@ def test_a_run_refused_for_its_kernels_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compiler_options_only_for_the_eigen_kernels_on_the_cpu():
+def test_compiler_options_only_for_the_eigen_kernels_on_the_cpu(monkeypatch):
     assert jax.default_backend() == "cpu"
     assert compiler_options(make_config({})) is None
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with pytest.raises(ConfigError, match="cpu_kernels"):  # a program of eigen_fused without its flag
+        compiler_options(make_config({"cpu_kernels": "eigen_fused"}))
+    monkeypatch.setenv("XLA_FLAGS", MULTI_OUTPUT_FUSION)
     for kernels in ("eigen", "eigen_fused"):
         assert compiler_options(make_config({"cpu_kernels": kernels})) == {
             "xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS}
