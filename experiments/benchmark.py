@@ -38,6 +38,7 @@ import numpy as np
 
 from lop_jax import cli
 from lop_jax.config import Config, ConfigError
+from lop_jax.cpu_kernels import prepare_process
 from lop_jax.data import CifarData, load_data
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -415,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="1,5", help="--cost-analysis: numbers of vmapped seeds, a comma list")
     args = p.parse_args(argv)
     cfg = cli.config_from_args(args)
+    prepare_process(cfg)  # cpu_kernels 'eigen_fused': XLA_FLAGS before JAX starts
     indices = cli.parse_indices(args.experiment_index)
     if args.cost_analysis:
         try:
