@@ -276,7 +276,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         preferred_element_type)
     if eigen:
         strided = any(int(st) != 1 for st in window_strides)
-        return conv_slices(lhs, rhs, window_strides, pad, precision, "xla", "taps" if strided else "xla")
+        return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad="xla",
+                           input_grad="taps" if strided else "xla")
     kernel_grad = "slices" if not only_where_faster or slices_pay_off(rhs.shape, window_strides) else "xla"
     return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad)
 

@@ -27,18 +27,21 @@ MULTI_OUTPUT_FUSION = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusi
 
 
 def uses_eigen(cfg: Config) -> bool:
-    """Whether the config's programs take the Eigen CPU kernels (CPU backend only)."""
+    """Whether the config's programs take the Eigen CPU kernels (CPU backend only). Every model and
+    program built for a config asks this first, so this is also where ``eigen_fused`` makes sure
+    of its process flag (:func:`prepare_process`, before this call starts JAX's backends): no
+    program compiles with other kernels than its config names."""
+    if cfg.cpu_kernels not in ("eigen", "eigen_fused"):
+        return False
+    prepare_process(cfg)
     import jax
 
-    return cfg.cpu_kernels in ("eigen", "eigen_fused") and jax.default_backend() == "cpu"
+    return jax.default_backend() == "cpu"
 
 
 def compiler_options(cfg: Config) -> dict[str, str] | None:
     """The per-program XLA options of the config's jitted functions: under the ``eigen`` kernels on
-    the CPU, convolutions left out of XLA's YNNPACK fusions; otherwise none. Every program built
-    for a config asks for them, so this is also where ``eigen_fused`` makes sure of its process
-    flag (:func:`prepare_process`): no program compiles with other kernels than its config names."""
-    prepare_process(cfg)
+    the CPU, convolutions left out of XLA's YNNPACK fusions; otherwise none."""
     return {"xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS} if uses_eigen(cfg) else None
 
 
