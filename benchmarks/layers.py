@@ -1,13 +1,15 @@
 """Every convolution of the ResNet-18, lop-jax's against PyTorch's, alternating in one process.
 
     python -m benchmarks.layers [--config configs/base_deep_learning_system.json] [--batch N]
-        [--rounds 5] [--min-round-seconds 0.05] [--cpus 2] [--json OUT]
+        [--set cpu_kernels=eigen_fused] [--rounds 5] [--min-round-seconds 0.05] [--cpus 2] [--json OUT]
 
 Where the train step's time difference comes from: each distinct convolution of the config's
 network (its input size, channels, kernel and stride; how many of it the network has) is run on
 random data of the train batch's size, forward alone and forward with its backward pass, on both
 sides. lop-jax's is the convolution its model calls (``lop_jax.conv.conv_fn("auto")``, so the
-kernel gradient is the tap sum or XLA's own by the same per-layer rule, recorded), jitted; the
+kernel gradient is the tap sum or XLA's own by the same per-layer rule, recorded; under the
+config's ``cpu_kernels`` ``eigen`` or ``eigen_fused``, ``conv_fn("eigen")`` compiled with that
+config's XLA options, as its model's are), jitted; the
 twin's is ``torch.nn.functional.conv2d`` on NCHW tensors, as the twin's network runs it. The
 backward pass computes what the train step needs: the kernel gradient, and the input gradient
 except for the stem (its input is the data). Biases are left out (on both sides an addition and a
@@ -82,9 +84,11 @@ def _needs_input_grad(layer: dict[str, Any]) -> bool:
     return layer["layers"] != ["stem_conv"]  # the stem's input is the data
 
 
-def lop_jax_side(layer: dict[str, Any], data: tuple[Any, Any, Any]) -> tuple[dict[str, Callable[[], Any]], str]:
-    """lop-jax's forward and forward+backward of the layer on ``data`` (jitted, compiled here),
-    returning the output and ``(output, gradients)``, and the kernel gradient its ``auto`` rule picks."""
+def lop_jax_side(layer: dict[str, Any], data: tuple[Any, Any, Any], eigen: bool = False,
+                 options: dict[str, str] | None = None) -> tuple[dict[str, Callable[[], Any]], str]:
+    """lop-jax's forward and forward+backward of the layer on ``data`` (jitted with the XLA
+    ``options``, compiled here), returning the output and ``(output, gradients)``, and the kernel
+    gradient its ``auto`` rule picks (with ``eigen``: the ``eigen`` mode, XLA's own)."""
     import jax
     import jax.numpy as jnp
 
@@ -93,7 +97,7 @@ def lop_jax_side(layer: dict[str, Any], data: tuple[Any, Any, Any]) -> tuple[dic
 
     k, s = layer["kernel"], layer["stride"]
     pad = TORCH_PAD if k == 3 else ((0, 0), (0, 0))
-    conv = conv_fn("auto")
+    conv = conv_fn("eigen" if eigen else "auto")
     x, w, dy = (jnp.asarray(a) for a in data)
 
     def forward(x_: Any, w_: Any) -> Any:
@@ -106,9 +110,10 @@ def lop_jax_side(layer: dict[str, Any], data: tuple[Any, Any, Any]) -> tuple[dic
         grads = pullback(dy_)
         return y, tuple(grads[i] for i in wrt)
 
-    fwd, both = jax.jit(forward), jax.jit(forward_backward)
+    fwd = jax.jit(forward, compiler_options=options)
+    both = jax.jit(forward_backward, compiler_options=options)
     jax.block_until_ready((fwd(x, w), both(x, w, dy)))
-    grad = "slices" if slices_pay_off((k, k, layer["ci"], layer["co"]), (s, s)) else "xla"
+    grad = "xla" if eigen or not slices_pay_off((k, k, layer["ci"], layer["co"]), (s, s)) else "slices"
     return {"forward": lambda: jax.block_until_ready(fwd(x, w)),
             "forward_backward": lambda: jax.block_until_ready(both(x, w, dy))}, grad
 
@@ -194,13 +199,15 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def measure(width: int, batch: int, rounds: int, min_round_seconds: float = 0.05, seed: int = 0) -> dict[str, Any]:
+def measure(width: int, batch: int, rounds: int, min_round_seconds: float = 0.05, seed: int = 0,
+            eigen: bool = False, options: dict[str, str] | None = None) -> dict[str, Any]:
     """Every distinct convolution of the network at ``width``, both sides, alternating rounds of
-    as many calls as :func:`calls_per_round` gives for the faster side (the same on both)."""
+    as many calls as :func:`calls_per_round` gives for the faster side (the same on both);
+    ``eigen`` and ``options`` as :func:`lop_jax_side` takes them."""
     rows = []
     for layer in conv_layers(width):
         data = inputs(layer, batch, seed)
-        jax_runs, grad = lop_jax_side(layer, data)
+        jax_runs, grad = lop_jax_side(layer, data, eigen, options)
         torch_runs = torch_side(layer, data)
         layer_times, calls = {}, {}
         for pass_name in PASSES:
@@ -228,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-round-seconds", type=float, default=0.05,
                    help="repeat a convolution within a round until the round takes this long (default 0.05)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (e.g. cpu_kernels=eigen_fused)")
     p.add_argument("--cpus", type=int, default=2, help="pin to this many CPUs; PyTorch uses as many threads")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
@@ -235,23 +244,28 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.min_round_seconds < 0:
         p.error(f"--min-round-seconds must not be negative, got {args.min_round_seconds}")
-    from lop_jax.config import load_config
+    from lop_jax.config import load_config, parse_override
+    from lop_jax.cpu_kernels import prepare_process
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, dict(parse_override(o) for o in args.set))
     if cfg.activation != "relu":
         p.error(f"--config: only ReLU networks are benchmarked here, {args.config} has {cfg.activation!r}")
     batch = args.batch or cfg.train_batch_size
     cpus = timing.pin_cpus(args.cpus)
+    prepare_process(cfg)  # cpu_kernels 'eigen_fused': XLA_FLAGS before JAX starts (recorded below)
     import jax
     import torch
+
+    from lop_jax.cpu_kernels import compiler_options, uses_eigen
 
     torch.set_num_threads(args.cpus)
     print(f"convolutions of the width-{cfg.network_width} ResNet-18 at batch {batch} on "
           f"{timing.cpu_model()} ({len(cpus)} CPUs):", flush=True)
-    got = measure(cfg.network_width, batch, args.rounds, args.min_round_seconds)
+    got = measure(cfg.network_width, batch, args.rounds, args.min_round_seconds,
+                  eigen=uses_eigen(cfg), options=compiler_options(cfg))
     out = {"benchmark": "convolutions, layer by layer", "device": timing.device_description(), "pinned_cpus": cpus,
            "config": args.config, "network_width": cfg.network_width, "batch": batch, "rounds": args.rounds,
-           "min_round_seconds": args.min_round_seconds,
+           "min_round_seconds": args.min_round_seconds, "overrides": args.set, "cpu_kernels": cfg.cpu_kernels,
            "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "xla_flags": os.environ.get("XLA_FLAGS", ""), **got}
     for pass_name, t in out["totals"].items():

@@ -28,6 +28,9 @@ PROFILE_FILES = {"cold": "profile_cold.json", "warm": "profile_warm.json"}
 BEFORE_AFTER_FILE = "before_after.json"
 FIDELITY_FILE = "fidelity.json"
 LAYER_FILES = ("layers64.json", "layers8.json")
+# the same two benchmarks under cpu_kernels eigen_fused (the step split of the fastest kernels)
+EIGEN_STEP_FILES = ("step64_eigen_fused.json", "step8_eigen_fused.json")
+EIGEN_LAYER_FILES = ("layers64_eigen_fused.json", "layers8_eigen_fused.json")
 # lop-jax's CPU kernels (the config's cpu_kernels): each benchmark's files, the default's first
 KERNEL_VARIANTS = {"default": "", "eigen": "_eigen", "eigen_fused": "_eigen_fused"}
 KERNEL_BENCHMARKS = {"train step, width 64, batch 90": "step64", "train step, width 8, batch 50": "step8",
@@ -35,7 +38,7 @@ KERNEL_BENCHMARKS = {"train step, width 64, batch 90": "step64", "train step, wi
 KERNEL_FILES = tuple(f"{stem}{suffix}.json" for stem in KERNEL_BENCHMARKS.values()
                      for suffix in KERNEL_VARIANTS.values())
 ALL_FILES = tuple(dict.fromkeys((*STEP_FILES, *PROTOCOL_FILES.values(), *PROFILE_FILES.values(), BEFORE_AFTER_FILE,
-                                 FIDELITY_FILE, *LAYER_FILES, *KERNEL_FILES)))
+                                 FIDELITY_FILE, *LAYER_FILES, *KERNEL_FILES, *EIGEN_LAYER_FILES)))
 BEFORE_AFTER_LABELS = {"before": "before (commit 29ef8cb, no cache)", "after_cold": "after, empty cache",
                        "after_warm": "after, cache filled by an earlier run of the config"}
 RECORDED_NAMES = {"epoch_runtime": "training epochs", "test_evaluation_runtime": "test evaluation",
@@ -201,10 +204,10 @@ def _pair(seconds: dict[str, float]) -> str:
             f"(**{seconds['lop_jax'] / seconds['torch']:.2f}**)")
 
 
-def layers_table(root: Path) -> str | None:
+def layers_table(root: Path, files: tuple[str, ...] = LAYER_FILES) -> str | None:
     """Every distinct convolution of the network, both sides: medians, ratios, cores kept busy; and
-    the network's convolutions in all (each shape × its count)."""
-    loaded = _load_all(root, LAYER_FILES)
+    the network's convolutions in all (each shape × its count); from the layer benchmarks ``files``."""
+    loaded = _load_all(root, files)
     if loaded is None:
         return None
     lines = ["| width, batch | input | channels | kernel, stride | count | lop-jax kernel gradient "
@@ -227,10 +230,25 @@ def layers_table(root: Path) -> str | None:
     return "\n".join(lines)
 
 
-def step_split_table(root: Path) -> str | None:
+def _kernels(got: dict[str, Any]) -> str:
+    """The cpu_kernels a step or layer benchmark ran: recorded, or named by its --set overrides
+    (the Eigen kernels by hand: ``cpu_kernels=eigen`` with the multi-output fusion flag set makes
+    ``eigen_fused``), else the default."""
+    kernels = got.get("cpu_kernels", "default")
+    for override in got.get("overrides", []):
+        key, _, value = override.partition("=")
+        if key == "cpu_kernels":
+            kernels = value
+    flags = got.get("device", {}).get("xla_flags", got.get("xla_flags", ""))
+    return "eigen_fused" if kernels == "eigen" and "xla_cpu_use_multi_output_fusion" in flags else kernels
+
+
+def step_split_table(root: Path, step_files: tuple[str, ...] = STEP_FILES,
+                     layer_files: tuple[str, ...] = LAYER_FILES) -> str | None:
     """Per width, each side's train step split into its convolutions (the layer benchmark's total,
-    forward + backward) and the rest (the step's median minus that)."""
-    steps, convs = _load_all(root, STEP_FILES), _load_all(root, LAYER_FILES)
+    forward + backward) and the rest (the step's median minus that); the step benchmarks
+    ``step_files`` against the layer benchmarks ``layer_files``, which must name the same kernels."""
+    steps, convs = _load_all(root, step_files), _load_all(root, layer_files)
     if steps is None or convs is None:
         return None
     lines = ["| width, batch | side | train step s | its convolutions s | the rest s | convolutions' share |",
@@ -239,7 +257,10 @@ def step_split_table(root: Path) -> str | None:
     for step in steps:
         width = step["network_width"]
         if width not in by_width:
-            raise ValueError(f"no layer benchmark at width {width} in {root} ({', '.join(LAYER_FILES)})")
+            raise ValueError(f"no layer benchmark at width {width} in {root} ({', '.join(layer_files)})")
+        if _kernels(step) != _kernels(by_width[width]):
+            raise ValueError(f"width {width}: the step benchmark ran cpu_kernels {_kernels(step)!r}, "
+                             f"the layer benchmark {_kernels(by_width[width])!r}")
         conv = by_width[width]["totals"]["forward_backward"]["seconds"]
         rest = {}
         for side, label in (("lop_jax", "lop-jax"), ("torch", "PyTorch")):
@@ -304,7 +325,9 @@ BUILDERS = {"speed: device": device_table, "speed: step": step_table, "speed: pr
             "speed: recorded seconds": recorded_table, "speed: fidelity": fidelity_table,
             "speed: profile": profile_table, "speed: before after": before_after_table,
             "speed: summary": summary_table, "speed: layers": layers_table,
-            "speed: step split": step_split_table, "speed: cpu kernels": kernels_table}
+            "speed: step split": step_split_table, "speed: cpu kernels": kernels_table,
+            "speed: layers eigen_fused": lambda root: layers_table(root, EIGEN_LAYER_FILES),
+            "speed: step split eigen_fused": lambda root: step_split_table(root, EIGEN_STEP_FILES, EIGEN_LAYER_FILES)}
 
 JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE,),
            "speed: summary": (*STEP_FILES, *PROTOCOL_FILES.values()),
@@ -312,7 +335,8 @@ JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE
            "speed: recorded seconds": tuple(PROTOCOL_FILES.values()),
            "speed: fidelity": (FIDELITY_FILE,), "speed: profile": tuple(PROFILE_FILES.values()),
            "speed: layers": LAYER_FILES, "speed: step split": (*STEP_FILES, *LAYER_FILES),
-           "speed: cpu kernels": KERNEL_FILES}
+           "speed: cpu kernels": KERNEL_FILES, "speed: layers eigen_fused": EIGEN_LAYER_FILES,
+           "speed: step split eigen_fused": (*EIGEN_STEP_FILES, *EIGEN_LAYER_FILES)}
 
 
 def tables(root: Path) -> dict[str, str]:

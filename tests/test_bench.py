@@ -374,15 +374,20 @@ def test_the_layers_table_is_the_jsons_medians_and_totals(tmp_path):
     assert "| 8, 90 | **all 20 convolutions** | | | | | 40.0 / 20.0 (**2.00**) | 120.0 / 60.0 (**2.00**) | |" in lines
 
 
-def test_the_layer_benchmark_times_the_same_convolution_on_both_sides():
+@pytest.mark.parametrize("eigen", [False, True], ids=["default kernels", "eigen kernels"])
+def test_the_layer_benchmark_times_the_same_convolution_on_both_sides(eigen):
     """Both sides of every shape compute the same output and the same gradients from the same numbers
-    (the input's gradient too, except for the stem, whose input is the data)."""
+    (the input's gradient too, except for the stem, whose input is the data), with lop-jax's default
+    kernels and with the Eigen ones (``--set cpu_kernels=eigen``)."""
     _torch()
+    from lop_jax.cpu_kernels import EIGEN_YNN_FUSIONS
+
+    options = {"xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS} if eigen else None
     for layer in layers.conv_layers(4):
         data = layers.inputs(layer, 2, seed=0)
-        jax_runs, grad = layers.lop_jax_side(layer, data)
+        jax_runs, grad = layers.lop_jax_side(layer, data, eigen, options)
         torch_runs = layers.torch_side(layer, data)
-        assert grad in ("slices", "xla")
+        assert grad == "xla" if eigen else grad in ("slices", "xla")
         y, grads = jax_runs["forward_backward"]()
         y_t, grads_t = torch_runs["forward_backward"]()
         assert len(grads) == len(grads_t) == (1 if layer["layers"] == ["stem_conv"] else 2)
