@@ -20,7 +20,12 @@ docs/performance_notes.md). :func:`conv_general_dilated` is a drop-in for
 The ``eigen`` mode (``cpu_kernels: "eigen"`` in a config, which also moves the convolutions out of
 XLA's YNNPACK fusions onto its Eigen path) keeps XLA's kernel gradient, which is the faster one
 there, and computes the input gradient of a strided convolution as a sum over kernel taps
-(:func:`input_grad_taps`), where XLA's own is a slow dilated convolution.
+(:func:`input_grad_taps`), where XLA's own is a slow dilated convolution. Eigen's convolution is
+slow where the layer has few output channels or a shallow kernel, so there (:func:`eigen_forward`)
+the eigen mode computes the same convolution in another form, its gradients being XLA's
+transposes of that form: the stem as one matmul over its image patches (:func:`conv_patches`),
+and the narrow stride-1 layers over pixel pairs (:func:`conv_pairs`: each pair of adjacent
+columns one pixel of twice the channels, a convolution with twice the output channels).
 
 Supported: NHWC input, HWIO kernel, explicit padding, any stride, no dilation, one feature group
 (everything else goes to ``lax.conv_general_dilated``). Reverse-mode only (``jax.grad``/``vjp``,
@@ -36,6 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
@@ -43,6 +49,12 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CONV_GRAD_MODES = ("auto", "xla", "slices", "eigen")
 KERNEL_GRADS = ("slices", "xla")
 INPUT_GRADS = ("xla", "taps")
+FORWARDS = ("xla", "patches", "pairs")
+# The eigen mode's other forms (eigen_forward): patches for kernels of at most this many entries per
+# output channel (kh·kw·Ci, the stem's 27); pixel pairs for 3×3 stride-1 layers of at most this many
+# output channels, where Eigen's kernel fills its registers poorly (8→8 gained, 16→16 lost).
+MAX_PATCHES_DEPTH = 32
+MAX_PAIRS_CO = 8
 # In "auto" mode, stride-1 convolutions with fewer than this many (Ci × Co) kernel entries keep
 # XLA's kernel gradient, which is as fast as the tap sum there; from 32→32 channels on the tap sum
 # wins. Strided and 1×1 convolutions always use the tap sum, which won at every width measured
@@ -67,6 +79,7 @@ class _Spec(NamedTuple):
     precision: Any
     kernel_grad: str
     input_grad: str = "xla"
+    forward: str = "xla"
 
 
 def resolve_conv_grad(mode: str) -> str:
@@ -79,9 +92,76 @@ def resolve_conv_grad(mode: str) -> str:
 
 
 def _plain_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding,
-                precision: Any) -> jax.Array:
+                precision: Any, forward: str = "xla") -> jax.Array:
+    if forward == "patches":
+        return conv_patches(x, w, strides, padding, precision)
+    if forward == "pairs":
+        return conv_pairs(x, w, padding, precision)
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMENSION_NUMBERS,
                                     precision=precision)
+
+
+def _out_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
+            padding: Padding) -> tuple[int, int]:
+    (h, w), (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = in_hw, kernel_hw, strides, padding
+    return (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+
+
+def conv_patches(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding,
+                 precision: Any = None) -> jax.Array:
+    """The NHWC/HWIO convolution as one matmul: the kh·kw strided slices of the padded input side by
+    side on the channel axis [B·Ho·Wo, kh·kw·Ci] times the kernel [kh·kw·Ci, Co]."""
+    kh, kw, ci, co = w.shape
+    b = x.shape[0]
+    ho, wo = _out_hw(x.shape[1:3], (kh, kw), strides, padding)
+    patches = jnp.concatenate(_taps(x, (kh, kw), (ho, wo), strides, padding), axis=-1)
+    y = jnp.dot(patches.reshape(b * ho * wo, kh * kw * ci), w.reshape(kh * kw * ci, co), precision=precision)
+    return y.reshape(b, ho, wo, co)
+
+
+def _pair_taps() -> np.ndarray:
+    """For the pair form of a 3×3 kernel: ``[paired column 0..2, input sub-pixel p, output sub-pixel q]``
+    → the kernel column that output pixel 2j+q applies to input pixel 2(j+column-1)+p, or 3 (none)."""
+    idx = np.full((3, 2, 2), 3, np.int32)
+    for q in range(2):
+        for dj in range(3):
+            t = q + dj - 1  # the input column, relative to 2j
+            idx[t // 2 + 1, t % 2, q] = dj
+    return idx
+
+
+def conv_pairs(x: jax.Array, w: jax.Array, padding: Padding, precision: Any = None) -> jax.Array:
+    """The stride-1 NHWC/HWIO 3×3 convolution (width padding 1 on each side, even image width) over
+    pixel pairs: the input [B, H, W, Ci] read as [B, H, W/2, 2·Ci] (a reshape), convolved with the
+    3×3 kernel [3, 3, 2·Ci, 2·Co] that maps a pair of input pixels to a pair of output pixels (the
+    original kernel's entries where a pixel of the one meets a pixel of the other, zeros elsewhere),
+    and read back as [B, H, W, Co]. Twice the multiply-adds, in a shape Eigen runs faster."""
+    b, h, wd, ci = x.shape
+    kh, kw, _, co = w.shape
+    if kw != 3 or tuple(padding[1]) != (1, 1) or wd % 2:
+        raise ValueError(f"conv_pairs takes a width-3 kernel, width padding (1, 1) and an even image width, "
+                         f"got kernel {w.shape}, padding {padding}, width {wd}")
+    padded = jnp.concatenate([w, jnp.zeros((kh, 1, ci, co), w.dtype)], axis=1)
+    w2 = padded[:, _pair_taps()]  # [kh, paired column, p, q, Ci, Co]
+    w2 = w2.transpose(0, 1, 2, 4, 3, 5).reshape(kh, 3, 2 * ci, 2 * co)
+    y = lax.conv_general_dilated(x.reshape(b, h, wd // 2, 2 * ci), w2, (1, 1), (tuple(padding[0]), (1, 1)),
+                                 dimension_numbers=DIMENSION_NUMBERS, precision=precision)
+    return y.reshape(b, h, wd, co)
+
+
+def eigen_forward(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+                  padding: Padding) -> str:
+    """The form the ``eigen`` mode computes a convolution in: ``patches`` for a kernel larger than 1×1
+    with at most :data:`MAX_PATCHES_DEPTH` entries per output channel (the stem), ``pairs`` for a 3×3
+    stride-1 convolution with width padding 1, an even image width and at most :data:`MAX_PAIRS_CO`
+    output channels, else ``xla`` (XLA's convolution)."""
+    kh, kw, ci, co = kernel_shape
+    if kh * kw > 1 and kh * kw * ci <= MAX_PATCHES_DEPTH:
+        return "patches"
+    if ((kh, kw) == (3, 3) and tuple(strides) == (1, 1) and tuple(padding[1]) == (1, 1)
+            and input_shape[2] % 2 == 0 and co <= MAX_PAIRS_CO):
+        return "pairs"
+    return "xla"
 
 
 def _taps(x: jax.Array, kernel_hw: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
@@ -163,10 +243,10 @@ def _unfold(y: jax.Array, runs: int) -> jax.Array:
 @cache
 def _ops(spec: _Spec) -> tuple[Callable, Callable, Callable]:
     """(forward, input gradient, kernel gradient) of one convolution spec, each with its vmap rule."""
-    strides, padding, precision, kernel_grad, input_grad_mode = spec
+    strides, padding, precision, kernel_grad, input_grad_mode, forward = spec
 
     def conv_plain(x, w):
-        return _plain_conv(x, w, strides, padding, precision)
+        return _plain_conv(x, w, strides, padding, precision, forward)
 
     def input_grad_plain(x, w, dy):
         # x gives the shape only
@@ -220,18 +300,22 @@ _conv_custom.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
 def conv_slices(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Padding, precision: Any = None,
-                kernel_grad: str = "slices", input_grad: str = "xla") -> jax.Array:
+                kernel_grad: str = "slices", input_grad: str = "xla", forward: str = "xla") -> jax.Array:
     """NHWC/HWIO convolution (explicit padding, no dilation) with the custom gradient and vmap rules.
 
     ``kernel_grad``: ``slices`` (the tap sum, :func:`kernel_grad_slices`) or ``xla`` (XLA's own);
-    ``input_grad``: ``xla`` (XLA's own) or ``taps`` (:func:`input_grad_taps`).
+    ``input_grad``: ``xla`` (XLA's own) or ``taps`` (:func:`input_grad_taps`); ``forward``: ``xla``
+    (XLA's convolution), ``patches`` (:func:`conv_patches`) or ``pairs`` (:func:`conv_pairs`), the
+    ``xla`` gradients then being XLA's transposes of that form.
     """
     if kernel_grad not in KERNEL_GRADS:
         raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}")
     if input_grad not in INPUT_GRADS:
         raise ValueError(f"input_grad must be one of {INPUT_GRADS}, got {input_grad!r}")
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
     spec = _Spec(tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding), precision,
-                 kernel_grad, input_grad)
+                 kernel_grad, input_grad, forward)
     return _conv_custom(x, w, spec)
 
 
@@ -259,7 +343,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     sum, or with ``only_where_faster`` the tap sum for the layers of :func:`slices_pay_off` and
     XLA's own for the others (the custom vmap rule applies to all of them). With ``eigen`` (the
     ``eigen`` mode of :func:`conv_fn`) the kernel gradient is XLA's own and the input gradient of
-    a strided convolution the tap sum :func:`input_grad_taps`.
+    a strided convolution the tap sum :func:`input_grad_taps`, in the form :func:`eigen_forward` picks.
     """
     pad = _explicit_padding(padding)
     supported = (
@@ -275,9 +359,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         dimension_numbers, feature_group_count, batch_group_count, precision,
                                         preferred_element_type)
     if eigen:
+        form = eigen_forward(lhs.shape, rhs.shape, window_strides, pad)
         strided = any(int(st) != 1 for st in window_strides)
         return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad="xla",
-                           input_grad="taps" if strided else "xla")
+                           input_grad="taps" if strided and form == "xla" else "xla", forward=form)
     kernel_grad = "slices" if not only_where_faster or slices_pay_off(rhs.shape, window_strides) else "xla"
     return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad)
 
