@@ -19,8 +19,9 @@ docs/performance_notes.md). :func:`conv_general_dilated` is a drop-in for
 
 The ``eigen`` mode (``cpu_kernels: "eigen"`` in a config, which also moves the convolutions out of
 XLA's YNNPACK fusions onto its Eigen path) keeps XLA's kernel gradient, which is the faster one
-there, and computes the input gradient of a strided convolution as a sum over kernel taps
-(:func:`input_grad_taps`), where XLA's own is a slow dilated convolution. Eigen's convolution is
+there for 3×3 kernels (the tap sum for 1×1), and computes the input gradient of a strided
+convolution of 16 input channels or more as a sum over kernel taps (:func:`input_grad_taps`),
+where XLA's own is a slow dilated convolution. Eigen's convolution is
 slow where the layer has few output channels or a shallow kernel, so there (:func:`eigen_forward`)
 the eigen mode computes the same convolution in another form, its gradients being XLA's
 transposes of that form: the stem as one matmul over its image patches (:func:`conv_patches`),
@@ -55,6 +56,9 @@ FORWARDS = ("xla", "patches", "pairs")
 # output channels, where Eigen's kernel fills its registers poorly (8→8 gained, 16→16 lost).
 MAX_PATCHES_DEPTH = 32
 MAX_PAIRS_CO = 8
+# The eigen mode's input gradient of a strided convolution is the tap sum from this many input
+# channels on; below, XLA's own is faster (measured at widths 8 and 64: docs/speed_vs_pytorch.md).
+MIN_TAPS_CI = 16
 # In "auto" mode, stride-1 convolutions with fewer than this many (Ci × Co) kernel entries keep
 # XLA's kernel gradient, which is as fast as the tap sum there; from 32→32 channels on the tap sum
 # wins. Strided and 1×1 convolutions always use the tap sum, which won at every width measured
@@ -342,8 +346,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     anything else goes to ``lax.conv_general_dilated`` unchanged. The kernel gradient is the tap
     sum, or with ``only_where_faster`` the tap sum for the layers of :func:`slices_pay_off` and
     XLA's own for the others (the custom vmap rule applies to all of them). With ``eigen`` (the
-    ``eigen`` mode of :func:`conv_fn`) the kernel gradient is XLA's own and the input gradient of
-    a strided convolution the tap sum :func:`input_grad_taps`, in the form :func:`eigen_forward` picks.
+    ``eigen`` mode of :func:`conv_fn`) the convolution takes the form :func:`eigen_forward` picks;
+    the kernel gradient is XLA's own (the transpose of that form), except for 1×1 kernels, whose
+    one-tap sum is faster; the input gradient of a strided convolution with at least
+    :data:`MIN_TAPS_CI` input channels is the tap sum :func:`input_grad_taps`.
     """
     pad = _explicit_padding(padding)
     supported = (
@@ -360,9 +366,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         preferred_element_type)
     if eigen:
         form = eigen_forward(lhs.shape, rhs.shape, window_strides, pad)
-        strided = any(int(st) != 1 for st in window_strides)
-        return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad="xla",
-                           input_grad="taps" if strided and form == "xla" else "xla", forward=form)
+        taps = form == "xla" and any(int(st) != 1 for st in window_strides) and rhs.shape[2] >= MIN_TAPS_CI
+        return conv_slices(lhs, rhs, window_strides, pad, precision,
+                           kernel_grad="slices" if tuple(rhs.shape[:2]) == (1, 1) else "xla",
+                           input_grad="taps" if taps else "xla", forward=form)
     kernel_grad = "slices" if not only_where_faster or slices_pay_off(rhs.shape, window_strides) else "xla"
     return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad)
 

@@ -297,11 +297,11 @@ def test_conv_fn_and_mode_resolution():
     assert resolve_conv_grad("eigen") == "eigen"
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7], CASES[10]], ids=_ids)
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7], CASES[10], (4, 16, 8, 3, 2, P1)], ids=_ids)
 def test_eigen_mode(case):
-    """``eigen``, where it keeps XLA's convolution: XLA's forward and kernel gradient; XLA's input
-    gradient at stride 1 and the tap sum at stride 2."""
-    _, _, _, _, s, pad = case
+    """``eigen``, where it keeps XLA's convolution: XLA's forward; XLA's kernel gradient, the tap sum
+    for 1×1 kernels; XLA's input gradient, the tap sum at stride 2 from 16 input channels on."""
+    _, ci, _, k, s, pad = case
     x, w, dy = _data(case)
     assert eigen_forward(x.shape, w.shape, (s, s), pad) == "xla"
     eigen = conv_fn("eigen")
@@ -309,11 +309,16 @@ def test_eigen_mode(case):
     xla = jax.jit(lambda x, w, dy: _vjps(lambda a, b: _xla_conv(a, b, s, pad), x, w, dy))
     (y, gx, gw), (y_x, gx_x, gw_x) = ours(x, w, dy), xla(x, w, dy)
     np.testing.assert_array_equal(y, y_x)
-    np.testing.assert_array_equal(gw, gw_x)
-    if s == 1:
-        np.testing.assert_array_equal(gx, gx_x)
+    if k == 1:
+        np.testing.assert_array_equal(gw, kernel_grad_slices(x, dy, (k, k), (s, s), pad))
+        _assert_close_rel(gw, gw_x, F32_RTOL, "1×1 kernel gradient vs XLA")
     else:
+        np.testing.assert_array_equal(gw, gw_x)
+    if s != 1 and ci >= conv_mod.MIN_TAPS_CI:
         np.testing.assert_array_equal(gx, input_grad_taps(w, dy, x.shape, (s, s), pad))
+        _assert_close_rel(gx, gx_x, F32_RTOL, "strided input gradient vs XLA")
+    else:
+        np.testing.assert_array_equal(gx, gx_x)
 
 
 # ---------------------------------------------------------------------------------------------
