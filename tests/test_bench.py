@@ -374,6 +374,41 @@ def test_the_layers_table_is_the_jsons_medians_and_totals(tmp_path):
     assert "| 8, 90 | **all 20 convolutions** | | | | | 40.0 / 20.0 (**2.00**) | 120.0 / 60.0 (**2.00**) | |" in lines
 
 
+def _write_step_and_layers(root, step_files, layer_files, step_kernels, layer_kernels):
+    """Step and layer JSONs at widths 64 and 8: steps of 3.0 / 2.0 s, convolutions of 2 / 1 ms each
+    (twice that with the backward pass)."""
+    for width, step_name, layer_name in zip((64, 8), step_files, layer_files, strict=True):
+        (root / step_name).write_text(json.dumps({
+            "network_width": width, "train_batch_size": 90, "step_seconds": {"lop_jax": 3.0, "torch": 2.0},
+            "ratio_lop_jax_over_torch": 1.5, **step_kernels}))
+        rows = [{**layer, "kernel_grad": "xla",
+                 **layers.summarise(_fake_layer_times([0.002] * 3, [0.001] * 3), layer, 90)}
+                for layer in layers.conv_layers(width)]
+        (root / layer_name).write_text(json.dumps({"network_width": width, "batch": 90, "layers": rows,
+                                                   "totals": layers.totals(rows), **layer_kernels}))
+
+
+def test_the_eigen_step_split_is_the_eigen_steps_against_the_eigen_layers(tmp_path):
+    """The eigen_fused split reads the eigen_fused files, and refuses a step and a layer benchmark
+    of other kernels (the eigen step files name them by --set and the process flag)."""
+    root = tmp_path / "speed"
+    root.mkdir()
+    fused = {"overrides": ["cpu_kernels=eigen"],
+             "device": {"xla_flags": "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"}}
+    _write_step_and_layers(root, report.EIGEN_STEP_FILES, report.EIGEN_LAYER_FILES, fused,
+                           {"cpu_kernels": "eigen_fused"})
+    split = report.BUILDERS["speed: step split eigen_fused"](root).splitlines()
+    # width 64: 20 convolutions × 6 ms forward + backward on lop-jax's side, 3 ms on PyTorch's
+    assert "| 64, 90 | lop-jax | 3.000 | 0.120 | 2.880 | 4 % |" in split
+    assert "| 64, 90 | **lop-jax / PyTorch** | **1.50** | **2.00** | **1.48** | |" in split
+    assert "| 8, 90 | **all 20 convolutions** |" in report.BUILDERS["speed: layers eigen_fused"](root)
+    assert report.step_split_table(root) is None  # the default's files are not there
+    _write_step_and_layers(root, report.EIGEN_STEP_FILES, report.EIGEN_LAYER_FILES, {"overrides": []},
+                           {"cpu_kernels": "eigen_fused"})
+    with pytest.raises(ValueError, match="cpu_kernels 'default'.*'eigen_fused'"):
+        report.BUILDERS["speed: step split eigen_fused"](root)
+
+
 @pytest.mark.parametrize("eigen", [False, True], ids=["default kernels", "eigen kernels"])
 def test_the_layer_benchmark_times_the_same_convolution_on_both_sides(eigen):
     """Both sides of every shape compute the same output and the same gradients from the same numbers
