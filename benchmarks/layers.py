@@ -227,23 +227,35 @@ def measure(width: int, batch: int, rounds: int, min_round_seconds: float = 0.05
     return {"layers": rows, "totals": totals(rows)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, pin, measure, print and write the JSON."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.layers", description=__doc__.splitlines()[0])
+def layer_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that times the network's convolutions one by one."""
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--batch", type=int, default=None, help="images per call (default: the config's train batch)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-round-seconds", type=float, default=0.05,
                    help="repeat a convolution within a round until the round takes this long (default 0.05)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (e.g. cpu_kernels=eigen_fused)")
-    p.add_argument("--cpus", type=int, default=2, help="pin to this many CPUs; PyTorch uses as many threads")
     p.add_argument("--json", help="write the figures to this file")
+
+
+def parse_layer_arguments(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse :func:`layer_arguments` (and the caller's own), refusing rounds below 1 and negative
+    round seconds."""
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.min_round_seconds < 0:
         p.error(f"--min-round-seconds must not be negative, got {args.min_round_seconds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, pin, measure, print and write the JSON."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.layers", description=__doc__.splitlines()[0])
+    layer_arguments(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (e.g. cpu_kernels=eigen_fused)")
+    p.add_argument("--cpus", type=int, default=2, help="pin to this many CPUs; PyTorch uses as many threads")
+    args = parse_layer_arguments(p, argv)
     from lop_jax.config import load_config, parse_override
     from lop_jax.cpu_kernels import prepare_process
 

@@ -31,6 +31,9 @@ LAYER_FILES = ("layers64.json", "layers8.json")
 # the same two benchmarks under cpu_kernels eigen_fused (the step split of the fastest kernels)
 EIGEN_STEP_FILES = ("step64_eigen_fused.json", "step8_eigen_fused.json")
 EIGEN_LAYER_FILES = ("layers64_eigen_fused.json", "layers8_eigen_fused.json")
+# every convolution in every form the eigen kernels could compute it in (benchmarks/conv_forms.py)
+FORM_FILES = ("conv_forms64.json", "conv_forms8.json")
+FORM_PASSES = {"forward": "forward", "kernel_grad": "kernel gradient", "input_grad": "input gradient"}
 # lop-jax's CPU kernels (the config's cpu_kernels): each benchmark's files, the default's first
 KERNEL_VARIANTS = {"default": "", "eigen": "_eigen", "eigen_fused": "_eigen_fused"}
 KERNEL_BENCHMARKS = {"train step, width 64, batch 90": "step64", "train step, width 8, batch 50": "step8",
@@ -38,7 +41,7 @@ KERNEL_BENCHMARKS = {"train step, width 64, batch 90": "step64", "train step, wi
 KERNEL_FILES = tuple(f"{stem}{suffix}.json" for stem in KERNEL_BENCHMARKS.values()
                      for suffix in KERNEL_VARIANTS.values())
 ALL_FILES = tuple(dict.fromkeys((*STEP_FILES, *PROTOCOL_FILES.values(), *PROFILE_FILES.values(), BEFORE_AFTER_FILE,
-                                 FIDELITY_FILE, *LAYER_FILES, *KERNEL_FILES, *EIGEN_LAYER_FILES)))
+                                 FIDELITY_FILE, *LAYER_FILES, *KERNEL_FILES, *EIGEN_LAYER_FILES, *FORM_FILES)))
 BEFORE_AFTER_LABELS = {"before": "before (commit 29ef8cb, no cache)", "after_cold": "after, empty cache",
                        "after_warm": "after, cache filled by an earlier run of the config"}
 RECORDED_NAMES = {"epoch_runtime": "training epochs", "test_evaluation_runtime": "test evaluation",
@@ -230,6 +233,37 @@ def layers_table(root: Path, files: tuple[str, ...] = LAYER_FILES) -> str | None
     return "\n".join(lines)
 
 
+def forms_table(root: Path) -> str | None:
+    """Per convolution and pass, each candidate form's milliseconds, the eigen mode's pick in bold;
+    per width, the network's convolutions as picked, as the eigen kernels chose before, and with
+    the fastest candidate of every pass."""
+    loaded = _load_all(root, FORM_FILES)
+    if loaded is None:
+        return None
+    lines = ["| width, batch | input | channels | kernel, stride | count | "
+             + " | ".join(f"{label} ms" for label in FORM_PASSES.values()) + " |",
+             "| --- | --- | --- | --- | ---: | --- | --- | --- |"]
+    for got in loaded:
+        where = f"{got['network_width']}, {got['batch']}"
+        for row in got["layers"]:
+            cells = []
+            for pass_name in FORM_PASSES:
+                p = row["passes"].get(pass_name)
+                cells.append("(not needed)" if p is None else ", ".join(
+                    f"**{name} {1e3 * sec:.2f}**" if name == p["picked"] else f"{name} {1e3 * sec:.2f}"
+                    for name, sec in p["seconds"].items()))
+            lines.append(f"| {where} | {row['size']}×{row['size']} | {row['ci']}→{row['co']} "
+                         f"| {row['kernel']}×{row['kernel']}, {row['stride']} | {len(row['layers'])} | "
+                         + " | ".join(cells) + " |")
+        count = sum(len(row["layers"]) for row in got["layers"])
+        for key, label in (("picked", "as the eigen mode picks"), ("earlier", "the eigen kernels' earlier choice"),
+                           ("fastest", "the fastest of every pass")):
+            cells = [f"{1e3 * got['totals'][pass_name][key]:.1f}" for pass_name in FORM_PASSES]
+            lines.append(f"| {where} | **all {count} convolutions, {label}** | | | "
+                         f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def _kernels(got: dict[str, Any]) -> str:
     """The cpu_kernels a step or layer benchmark ran: recorded, or named by its --set overrides
     (the Eigen kernels by hand: ``cpu_kernels=eigen`` with the multi-output fusion flag set makes
@@ -328,6 +362,7 @@ BUILDERS = {"speed: device": device_table, "speed: step": step_table, "speed: pr
             "speed: summary": summary_table, "speed: layers": layers_table,
             "speed: step split": step_split_table, "speed: cpu kernels": kernels_table,
             "speed: layers eigen_fused": lambda root: layers_table(root, EIGEN_LAYER_FILES),
+            "speed: eigen forms": forms_table,
             "speed: step split eigen_fused": lambda root: step_split_table(root, EIGEN_STEP_FILES, EIGEN_LAYER_FILES)}
 
 JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE,),
@@ -337,6 +372,7 @@ JSON_OF = {"speed: device": ALL_FILES, "speed: before after": (BEFORE_AFTER_FILE
            "speed: fidelity": (FIDELITY_FILE,), "speed: profile": tuple(PROFILE_FILES.values()),
            "speed: layers": LAYER_FILES, "speed: step split": (*STEP_FILES, *LAYER_FILES),
            "speed: cpu kernels": KERNEL_FILES, "speed: layers eigen_fused": EIGEN_LAYER_FILES,
+           "speed: eigen forms": FORM_FILES,
            "speed: step split eigen_fused": (*EIGEN_STEP_FILES, *EIGEN_LAYER_FILES)}
 
 

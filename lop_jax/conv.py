@@ -21,12 +21,12 @@ The ``eigen`` mode (``cpu_kernels: "eigen"`` in a config, which also moves the c
 XLA's YNNPACK fusions onto its Eigen path) keeps XLA's kernel gradient, which is the faster one
 there for 3×3 kernels (the tap sum for 1×1), and computes the input gradient of a strided
 convolution of 16 input channels or more as a sum over kernel taps (:func:`input_grad_taps`),
-where XLA's own is a slow dilated convolution. Eigen's convolution is
-slow where the layer has few output channels or a shallow kernel, so there (:func:`eigen_forward`)
-the eigen mode computes the same convolution in another form, its gradients being XLA's
-transposes of that form: the stem as one matmul over its image patches (:func:`conv_patches`),
-and the narrow stride-1 layers over pixel pairs (:func:`conv_pairs`: each pair of adjacent
-columns one pixel of twice the channels, a convolution with twice the output channels).
+where XLA's own is a slow dilated convolution. Eigen's convolution is slow where the layer has
+few output channels or a shallow kernel, so there (:func:`eigen_forward`) the eigen mode computes
+the same convolution in another form, its gradients being XLA's transposes of that form: the stem
+as one matmul over its image patches (:func:`conv_patches`), and the narrow stride-1 layers over
+pixel pairs (:func:`conv_pairs`: each pair of adjacent columns one pixel of twice the channels, a
+convolution with twice the output channels). :func:`eigen_choices` says which, layer by layer.
 
 Supported: NHWC input, HWIO kernel, explicit padding, any stride, no dilation, one feature group
 (everything else goes to ``lax.conv_general_dilated``). Reverse-mode only (``jax.grad``/``vjp``,
@@ -329,6 +329,19 @@ def slices_pay_off(kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
     return any(s != 1 for s in strides) or (kh, kw) == (1, 1) or ci * co >= MIN_SLICES_ENTRIES_STRIDE_1
 
 
+def eigen_choices(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+                  padding: Padding) -> dict[str, str]:
+    """How the ``eigen`` mode computes a convolution: ``forward``, the form (:func:`eigen_forward`);
+    ``kernel_grad``, ``slices`` (the one-tap sum) for a 1×1 kernel, else XLA's transpose of the form
+    (named by the form); ``input_grad``, ``taps`` (:func:`input_grad_taps`) for a strided convolution
+    in XLA's form with at least :data:`MIN_TAPS_CI` input channels, else XLA's transpose of the form."""
+    form = eigen_forward(input_shape, kernel_shape, strides, padding)
+    kh, kw, ci, _ = kernel_shape
+    strided = any(int(st) != 1 for st in strides)
+    return {"forward": form, "kernel_grad": "slices" if (kh, kw) == (1, 1) else form,
+            "input_grad": "taps" if form == "xla" and strided and ci >= MIN_TAPS_CI else form}
+
+
 def _explicit_padding(padding: Any) -> Padding | None:
     if isinstance(padding, str) or len(padding) != 2:
         return None
@@ -346,10 +359,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     anything else goes to ``lax.conv_general_dilated`` unchanged. The kernel gradient is the tap
     sum, or with ``only_where_faster`` the tap sum for the layers of :func:`slices_pay_off` and
     XLA's own for the others (the custom vmap rule applies to all of them). With ``eigen`` (the
-    ``eigen`` mode of :func:`conv_fn`) the convolution takes the form :func:`eigen_forward` picks;
-    the kernel gradient is XLA's own (the transpose of that form), except for 1×1 kernels, whose
-    one-tap sum is faster; the input gradient of a strided convolution with at least
-    :data:`MIN_TAPS_CI` input channels is the tap sum :func:`input_grad_taps`.
+    ``eigen`` mode of :func:`conv_fn`) the form and the gradients are :func:`eigen_choices`'.
     """
     pad = _explicit_padding(padding)
     supported = (
@@ -365,11 +375,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         dimension_numbers, feature_group_count, batch_group_count, precision,
                                         preferred_element_type)
     if eigen:
-        form = eigen_forward(lhs.shape, rhs.shape, window_strides, pad)
-        taps = form == "xla" and any(int(st) != 1 for st in window_strides) and rhs.shape[2] >= MIN_TAPS_CI
+        chosen = eigen_choices(lhs.shape, rhs.shape, window_strides, pad)
         return conv_slices(lhs, rhs, window_strides, pad, precision,
-                           kernel_grad="slices" if tuple(rhs.shape[:2]) == (1, 1) else "xla",
-                           input_grad="taps" if taps else "xla", forward=form)
+                           kernel_grad="slices" if chosen["kernel_grad"] == "slices" else "xla",
+                           input_grad="taps" if chosen["input_grad"] == "taps" else "xla", forward=chosen["forward"])
     kernel_grad = "slices" if not only_where_faster or slices_pay_off(rhs.shape, window_strides) else "xla"
     return conv_slices(lhs, rhs, window_strides, pad, precision, kernel_grad)
 

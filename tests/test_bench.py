@@ -17,7 +17,7 @@ REPO = Path(__file__).parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is run from the checkout, not installed with the package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import fidelity, layers, op_profile, profile_run, protocol, report, timing  # noqa: E402
+from benchmarks import conv_forms, fidelity, layers, op_profile, profile_run, protocol, report, timing  # noqa: E402
 from lop_jax import cli, doc_markers  # noqa: E402
 
 
@@ -621,3 +621,46 @@ def test_the_twin_refuses_what_it_does_not_implement(tmp_path, capsys):
     code = torch_twin.main(["--config", str(REPO / "configs/continual_backpropagation.json"),
                             "--results-dir", str(tmp_path)])
     assert code == 2 and "base deep-learning system only" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+# ---- the eigen kernels' forms of each convolution ----------------------------------------------
+def test_every_form_of_a_pass_computes_the_same_numbers():
+    """The candidates the forms benchmark times are the same pass: each form's forward, kernel
+    gradient and input gradient agree with XLA's within float32 rounding, for every convolution of
+    the network (at width 4, 2 images), compiled with the eigen kernels' options."""
+    from lop_jax.cpu_kernels import EIGEN_YNN_FUSIONS
+
+    options = {"xla_cpu_experimental_ynn_fusion_type": EIGEN_YNN_FUSIONS}
+    seen = set()
+    for layer in layers.conv_layers(4):
+        runs = conv_forms.candidates(layer, layers.inputs(layer, 2, seed=0), options)
+        assert ("input_grad" in runs) == (layer["layers"] != ["stem_conv"])
+        for pass_name, by_form in runs.items():
+            want = np.asarray(by_form["xla"]())
+            for name, run in by_form.items():
+                got = np.asarray(run())
+                assert got.shape == want.shape, (layer, pass_name, name)
+                assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (layer, pass_name, name)
+                seen.add(name)
+    assert seen == {"xla", "patches", "pairs", "slices", "taps"}
+
+
+def test_the_forms_totals_weigh_the_picked_the_earlier_and_the_fastest_form():
+    stem, narrow = layers.conv_layers(8)[:2]  # 1 stem, 4 narrow layers
+
+    def row(layer, seconds, picked):
+        times = {p: {n: [{"wall": t, "cpu": t}] * 3 for n, t in by.items()} for p, by in seconds.items()}
+        return {**layer, "earlier": conv_forms.earlier_choice(layer),
+                "passes": conv_forms.summarise_layer(times, picked)}
+
+    rows = [row(stem, {"forward": {"xla": 3.0, "patches": 1.0}, "kernel_grad": {"xla": 1.0, "patches": 2.0}},
+                {"forward": "patches", "kernel_grad": "patches"}),
+            row(narrow, {"forward": {"xla": 2.0, "pairs": 1.0}, "kernel_grad": {"xla": 1.0, "slices": 3.0},
+                         "input_grad": {"xla": 2.0, "taps": 4.0}},
+                {"forward": "pairs", "kernel_grad": "xla", "input_grad": "xla"})]
+    assert rows[0]["passes"]["kernel_grad"]["fastest"] == "xla"
+    tot = conv_forms.totals(rows)
+    assert tot["forward"] == {"picked": 1.0 + 4 * 1.0, "earlier": 3.0 + 4 * 2.0, "fastest": 5.0}
+    assert tot["kernel_grad"] == {"picked": 2.0 + 4.0, "earlier": 1.0 + 4.0, "fastest": 5.0}
+    assert tot["input_grad"] == {"picked": 8.0, "earlier": 8.0, "fastest": 8.0}  # the stem has none
+    assert tot["all"]["picked"] == 5.0 + 6.0 + 8.0
