@@ -131,10 +131,11 @@ class ResNet18(nn.Module):
     kernel gradients are computed (``lop_jax.conv``): ``auto`` (default: on the CPU backend, where
     XLA's own kernel gradient is several times slower than the forward pass, the tap-sum matmuls for the
     layers where they are faster, and one convolution per run under ``vmap``; plain XLA convolutions
-    on other backends), ``xla``, ``slices`` (every conv) or ``eigen`` (XLA's kernel gradients, the
-    tap-sum input gradient for strided convs: ``cpu_kernels: "eigen"``). Parameters are the same in
-    every mode; outputs are the same bit for bit, and so are input gradients except under ``eigen``
-    (under ``vmap``: equal to the per-run results).
+    on other backends), ``xla``, ``slices`` (every conv) or ``eigen`` (``cpu_kernels: "eigen"``:
+    each conv in the form and with the gradients ``lop_jax.conv.eigen_choices`` picks for its
+    shape). Parameters are the same in every mode; outputs are the same bit for bit, and so are
+    input gradients, except under ``eigen``, where both are within float32 rounding (under
+    ``vmap``: equal to the per-run results).
 
     ``activation`` 'crelu' replaces every ReLU by a concatenated ReLU (``crelu``); each conv then
     produces half the channels, so every feature map and the head keep the same width, and an
