@@ -63,7 +63,7 @@ def candidates(layer: dict[str, Any], data: tuple[Any, Any, Any],
         fns["input_grad"][name] = lambda x_, w_, dy_, f=f: jax.linear_transpose(lambda v: f(v, w_), x_)(dy_)[0]
     fns["kernel_grad"]["slices"] = lambda x_, w_, dy_: kernel_grad_slices(x_, dy_, (k, k), s, pad)
     fns["input_grad"]["taps"] = lambda x_, w_, dy_: input_grad_taps(w_, dy_, x_.shape, s, pad)
-    if not layers._needs_input_grad(layer):
+    if not layers.needs_input_grad(layer):
         del fns["input_grad"]
     out: dict[str, dict[str, Callable[[], Any]]] = {}
     for pass_name, by_form in fns.items():
@@ -120,11 +120,7 @@ def measure(width: int, batch: int, rounds: int, min_round_seconds: float, optio
         runs = candidates(layer, data, options)
         times = {}
         for pass_name, by_form in runs.items():
-            once = timing.alternate(by_form, 2)
-            calls = layers.calls_per_round(min(c["wall"] for cs in once.values() for c in cs), min_round_seconds)
-            rounds_of = {name: layers._timed(fn, calls) for name, fn in by_form.items()}
-            got = timing.alternate(rounds_of, rounds, measure=lambda _name, cpu: {"cpu": cpu})
-            times[pass_name] = layers._per_call(got, calls)
+            times[pass_name], _ = layers.time_rounds(by_form, rounds, min_round_seconds)
         rows.append({**layer, "earlier": earlier_choice(layer), "passes": summarise_layer(times, picked)})
         said = "; ".join(f"{p} " + ", ".join(f"{n} {1e3 * t:.2f}{'*' if n == v['picked'] else ''}"
                                               for n, t in v["seconds"].items())

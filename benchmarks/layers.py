@@ -80,8 +80,9 @@ def inputs(layer: dict[str, Any], batch: int, seed: int) -> tuple[Any, Any, Any]
     return x, w, dy
 
 
-def _needs_input_grad(layer: dict[str, Any]) -> bool:
-    return layer["layers"] != ["stem_conv"]  # the stem's input is the data
+def needs_input_grad(layer: dict[str, Any]) -> bool:
+    """Whether the train step needs the layer's input gradient (not the stem's: its input is the data)."""
+    return layer["layers"] != ["stem_conv"]
 
 
 def lop_jax_side(layer: dict[str, Any], data: tuple[Any, Any, Any], eigen: bool = False,
@@ -103,7 +104,7 @@ def lop_jax_side(layer: dict[str, Any], data: tuple[Any, Any, Any], eigen: bool 
     def forward(x_: Any, w_: Any) -> Any:
         return conv(x_, w_, (s, s), pad, dimension_numbers=DIMENSION_NUMBERS)
 
-    wrt = (0, 1) if _needs_input_grad(layer) else (1,)
+    wrt = (0, 1) if needs_input_grad(layer) else (1,)
 
     def forward_backward(x_: Any, w_: Any, dy_: Any) -> Any:
         y, pullback = jax.vjp(forward, x_, w_)
@@ -130,7 +131,7 @@ def torch_side(layer: dict[str, Any], data: tuple[Any, Any, Any]) -> dict[str, C
     x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
     w = torch.from_numpy(np.ascontiguousarray(w_hwio.transpose(3, 2, 0, 1))).requires_grad_(True)
     dy = torch.from_numpy(np.ascontiguousarray(dy_nhwc.transpose(0, 3, 1, 2)))
-    x_grad = x.clone().requires_grad_(_needs_input_grad(layer))
+    x_grad = x.clone().requires_grad_(needs_input_grad(layer))
 
     def forward() -> Any:
         with torch.no_grad():
@@ -140,7 +141,7 @@ def torch_side(layer: dict[str, Any], data: tuple[Any, Any, Any]) -> dict[str, C
         w.grad, x_grad.grad = None, None
         y = F.conv2d(x_grad, w, stride=s, padding=pad)
         y.backward(dy)
-        return y, ((x_grad.grad, w.grad) if _needs_input_grad(layer) else (w.grad,))
+        return y, ((x_grad.grad, w.grad) if needs_input_grad(layer) else (w.grad,))
 
     for _ in range(2):
         forward()
@@ -189,6 +190,18 @@ def summarise(layer_times: dict[str, dict[str, list[dict[str, float]]]], layer: 
     return out
 
 
+def time_rounds(runs: dict[str, Callable[[], Any]], rounds: int,
+                min_round_seconds: float) -> tuple[dict[str, list[dict[str, float]]], int]:
+    """Time the named calls alternating: ``rounds`` rounds of as many calls as
+    :func:`calls_per_round` gives for the fastest (the same count for all); per name, every round's
+    wall and CPU seconds per call, and that count."""
+    once = timing.alternate(runs, 2)
+    calls = calls_per_round(min(c["wall"] for cs in once.values() for c in cs), min_round_seconds)
+    got = timing.alternate({name: _timed(fn, calls) for name, fn in runs.items()}, rounds,
+                           measure=lambda _name, cpu: {"cpu": cpu})
+    return _per_call(got, calls), calls
+
+
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per pass and side, the seconds of all the network's convolutions (each shape's median × its
     count), and their ratio."""
@@ -211,12 +224,8 @@ def measure(width: int, batch: int, rounds: int, min_round_seconds: float = 0.05
         torch_runs = torch_side(layer, data)
         layer_times, calls = {}, {}
         for pass_name in PASSES:
-            once = timing.alternate({"lop_jax": jax_runs[pass_name], "torch": torch_runs[pass_name]}, 2)
-            calls[pass_name] = calls_per_round(min(c["wall"] for cs in once.values() for c in cs), min_round_seconds)
-            runners = {"lop_jax": _timed(jax_runs[pass_name], calls[pass_name]),
-                       "torch": _timed(torch_runs[pass_name], calls[pass_name])}
-            got = timing.alternate(runners, rounds, measure=lambda _name, cpu: {"cpu": cpu})
-            layer_times[pass_name] = _per_call(got, calls[pass_name])
+            layer_times[pass_name], calls[pass_name] = time_rounds(
+                {"lop_jax": jax_runs[pass_name], "torch": torch_runs[pass_name]}, rounds, min_round_seconds)
         rows.append({**layer, "kernel_grad": grad, "forward_flops": forward_flops(layer, batch),
                      "calls_per_round": calls, **summarise(layer_times, layer, batch)})
         f, b = rows[-1]["forward"], rows[-1]["forward_backward"]
