@@ -36,10 +36,6 @@ PASSES = ("forward", "kernel_grad", "input_grad")
 EARLIER = {"forward": "xla", "kernel_grad": "xla"}
 
 
-def _padding(layer: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
-    return ((1, 1), (1, 1)) if layer["kernel"] == 3 else ((0, 0), (0, 0))
-
-
 def candidates(layer: dict[str, Any], data: tuple[Any, Any, Any],
                options: dict[str, str] | None) -> dict[str, dict[str, Callable[[], Any]]]:
     """Per pass, each candidate form's jitted call on ``data`` (compiled here), by name."""
@@ -48,7 +44,7 @@ def candidates(layer: dict[str, Any], data: tuple[Any, Any, Any],
 
     from lop_jax.conv import DIMENSION_NUMBERS, conv_pairs, conv_patches, input_grad_taps, kernel_grad_slices
 
-    s, pad, k = (layer["stride"],) * 2, _padding(layer), layer["kernel"]
+    s, pad, k = (layer["stride"],) * 2, layers.padding(layer), layer["kernel"]
     x, w, dy = (jax.numpy.asarray(a) for a in data)
     forms: dict[str, Callable[[Any, Any], Any]] = {
         "xla": lambda x_, w_: lax.conv_general_dilated(x_, w_, s, pad, dimension_numbers=DIMENSION_NUMBERS),
@@ -116,7 +112,7 @@ def measure(width: int, batch: int, rounds: int, min_round_seconds: float, optio
     rows = []
     for layer in layers.conv_layers(width):
         data = layers.inputs(layer, batch, seed)
-        picked = eigen_choices(data[0].shape, data[1].shape, (layer["stride"],) * 2, _padding(layer))
+        picked = eigen_choices(data[0].shape, data[1].shape, (layer["stride"],) * 2, layers.padding(layer))
         runs = candidates(layer, data, options)
         times = {}
         for pass_name, by_form in runs.items():

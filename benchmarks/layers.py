@@ -80,6 +80,11 @@ def inputs(layer: dict[str, Any], batch: int, seed: int) -> tuple[Any, Any, Any]
     return x, w, dy
 
 
+def padding(layer: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The layer's explicit padding in the model: 1 on every side for 3×3 kernels (PyTorch's), none for 1×1."""
+    return ((1, 1), (1, 1)) if layer["kernel"] == 3 else ((0, 0), (0, 0))
+
+
 def needs_input_grad(layer: dict[str, Any]) -> bool:
     """Whether the train step needs the layer's input gradient (not the stem's: its input is the data)."""
     return layer["layers"] != ["stem_conv"]
@@ -94,10 +99,8 @@ def lop_jax_side(layer: dict[str, Any], data: tuple[Any, Any, Any], eigen: bool 
     import jax.numpy as jnp
 
     from lop_jax.conv import DIMENSION_NUMBERS, conv_fn, slices_pay_off
-    from lop_jax.model import TORCH_PAD
-
     k, s = layer["kernel"], layer["stride"]
-    pad = TORCH_PAD if k == 3 else ((0, 0), (0, 0))
+    pad = padding(layer)
     conv = conv_fn("eigen" if eigen else "auto")
     x, w, dy = (jnp.asarray(a) for a in data)
 
